@@ -1,0 +1,70 @@
+"""deltatune: fine-tune pre-trained language models with one CLI, one Python API and peft-compatible deltas.
+
+    import deltatune as dt
+    loaded = dt.load_model(dt.ModelConfig(name="default"))
+    method = dt.attach(loaded.model, {"name": "lora", "r": 8})
+    ...
+    dt.save_delta("out", method, loaded.model, loaded.source, task=loaded.task)
+    delta = dt.load_delta("out")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deltatune.config import MethodConfig, ModelConfig, RunConfig, config_from_dict, dump_config, load_config
+from deltatune.delta import LoadedDelta, load_delta, save_delta, save_merged
+from deltatune.errors import ConfigError, DataError, DeltatuneError
+from deltatune.methods import Method, build_method, method_config_class
+from deltatune.models import LoadedModel, load_model
+
+__version__ = "0.1.0"
+
+
+def attach(model: Any, method: MethodConfig | dict[str, Any] | str) -> Method:
+    """Attach a method to ``model`` in place (freezing the base); return the Method to save or merge with.
+
+    ``method`` is a method config, a dict such as ``{"name": "lora", "r": 8}``, or a method name.
+    """
+    if isinstance(method, str):
+        method = {"name": method}
+    if isinstance(method, dict):
+        method = method_config_class(str(method.get("name", "lora"))).model_validate(method)
+    built = build_method(method)
+    built.attach(model)
+    return built
+
+
+def merge(model: Any, method: Method) -> Any:
+    """Fold ``method``'s delta into the weights of ``model``; return the plain model."""
+    return method.merge(model)
+
+
+def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Any:
+    """Run training for ``cfg`` and write the delta to ``cfg.output.dir``; return the TrainResult."""
+    from deltatune.train.loop import train as _train
+
+    return _train(cfg, resume=resume, progress=progress)
+
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "DeltatuneError",
+    "LoadedDelta",
+    "LoadedModel",
+    "Method",
+    "MethodConfig",
+    "ModelConfig",
+    "RunConfig",
+    "attach",
+    "config_from_dict",
+    "dump_config",
+    "load_config",
+    "load_delta",
+    "load_model",
+    "merge",
+    "save_delta",
+    "save_merged",
+    "train",
+]

@@ -1,0 +1,250 @@
+"""The run schema: one pydantic model for a whole run, read from YAML with ``key=value`` overrides.
+
+Precedence is defaults < YAML file < ``key=value`` overrides; unknown keys raise with the key named.
+
+    cfg = load_config("run.yaml", ["method.r=16", "train.epochs=2"])
+    print(dump_config(cfg))
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+
+from deltatune.errors import ConfigError
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, every field documents itself."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(Section):
+    name: str = "default"
+    """`default` (bundled SmolLM2-135M-Instruct), `minilm` (bundled MiniLM-L6 encoder), a local HF folder,
+    a .gguf file, or a hub id (online)."""
+    task: Literal["auto", "causal_lm", "classification"] = "auto"
+    """What head to load: `auto` picks `classification` when data.format is classification."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype: `auto` is float32 on CPU and bfloat16 on CUDA."""
+    device: str = "auto"
+    """`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:1`."""
+    num_labels: int | None = Field(default=None, ge=2)
+    """Classification: number of labels (inferred from the training data when unset)."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub (only for hub ids you trust)."""
+
+
+class DataConfig(Section):
+    train: str | None = None
+    """Training data: a .json/.jsonl/.csv/.tsv/.parquet file, or `hub:NAME` (online).
+    Unset: the built-in demo task."""
+    eval: str | float | None = 0.1
+    """Eval data: a file, or a fraction (0-0.5) of the training data to hold out, or null for none."""
+    format: Literal[
+        "auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "classification"
+    ] = "auto"
+    """Example format; `auto` detects it from the fields of the first example."""
+    max_length: int = Field(default=512, ge=8)
+    """Maximum tokens per example (prompt + response)."""
+    truncation: Literal["drop", "truncate", "error"] = "drop"
+    """What to do with an example longer than max_length."""
+    train_on_prompt: bool = False
+    """Compute the loss on prompt tokens too (default: assistant tokens only)."""
+    system_prompt: str | None = None
+    """A system message added to chat examples that have none."""
+    batching: Literal["pack", "bucket", "pad"] = "pack"
+    """`pack`: a micro-batch's examples share one row, isolated by a block-diagonal mask (no padding);
+    `bucket`: padded batches of similar length; `pad`: padded in data order."""
+    split: str = "train"
+    """Hub data sets: the split to read."""
+    max_examples: int | None = Field(default=None, ge=1)
+    """Use only the first N training examples."""
+
+    @field_validator("eval")
+    @classmethod
+    def _eval_fraction(cls, value: str | float | None) -> str | float | None:
+        if isinstance(value, float) and not 0.0 < value <= 0.5:
+            raise ValueError("a fraction must be in (0, 0.5], e.g. 0.1; or give a file path, or null")
+        return value
+
+
+class MethodConfig(Section):
+    """The base of every method's config; `name` selects the method in the registry."""
+
+    name: str = "lora"
+    """The fine-tuning method."""
+
+
+class TrainConfig(Section):
+    epochs: float = Field(default=1.0, gt=0)
+    """Passes over the training data (fractions allowed); ignored when max_steps is set."""
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many optimizer steps."""
+    batch_size: int = Field(default=8, ge=1)
+    """Examples per micro-batch."""
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step (effective batch = batch_size x grad_accum examples)."""
+    lr: float = Field(default=2e-4, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW weight decay."""
+    optimizer: Literal["adamw"] = "adamw"
+    """The optimizer."""
+    schedule: Literal["linear", "cosine", "constant"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup: float = Field(default=0.03, ge=0)
+    """Warmup: a fraction of the steps if < 1, else a number of steps."""
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    """Clip the gradient norm to this value (null: no clipping)."""
+    seed: int = 42
+    """Seed for initialisation, data order and dropout."""
+    eval_every: int = Field(default=0, ge=0)
+    """Eval loss every N steps (0: only at the start and the end)."""
+    save_every: int = Field(default=0, ge=0)
+    """Write a checkpoint every N steps (0: only at the end)."""
+    eval_generations: int = Field(default=0, ge=0)
+    """Chat data: exact match of greedy replies on this many eval examples, before and after training."""
+    log_every: int = Field(default=1, ge=1)
+    """Write metrics every N steps."""
+    threads: int | None = Field(default=None, ge=1)
+    """CPU threads for torch (default: all cores)."""
+
+
+class OutputConfig(Section):
+    dir: str = "runs/demo"
+    """Where the delta, checkpoints, metrics.jsonl and run.yaml are written."""
+    overwrite: bool = False
+    """Allow writing into a non-empty output folder that is not being resumed."""
+
+
+class RunConfig(Section):
+    """A whole run: model, data, method, train, output."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    method: SerializeAsAny[MethodConfig] = Field(default_factory=lambda: _method_config({"name": "lora"}))
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _dispatch_method(cls, value: Any) -> Any:
+        if isinstance(value, MethodConfig):
+            value = value.model_dump()
+        if not isinstance(value, dict):
+            raise ValueError("must be a mapping with at least `name`, e.g. {name: lora, r: 8}")
+        return _method_config(value)
+
+
+def _method_config(value: dict[str, Any]) -> MethodConfig:
+    from deltatune.methods import method_config_class
+
+    return method_config_class(str(value.get("name", "lora"))).model_validate(value)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        # pydantic reports nested method errors under the method's class name; drop it
+        key = ".".join(p for p in key.split(".") if not p[:1].isupper())
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (see `deltatune config` for every key)"
+        lines.append(f"{source}: {key}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden"
+                                                  and not isinstance(e["input"], dict) else ""))
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into its key path and a YAML-parsed value; raise ConfigError if malformed."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.epochs=2")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {text!r}: empty key part; write e.g. method.r=16")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any, source: str) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a nested dict as a RunConfig; raise ConfigError naming each bad key."""
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or the defaults when ``path`` is None), apply overrides, validate.
+
+    Returns the validated RunConfig; raises ConfigError with the file and key on any problem.
+    """
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections (model, data, method, train, output)")
+        tree = loaded
+    for text in overrides or []:
+        key_path, value = parse_override(text)
+        _set_path(tree, key_path, value, f"override {text!r}")
+    if overrides:
+        source = f"{source} + overrides" if path else "overrides"
+    return config_from_dict(tree, source)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """Return the config as YAML text, in section order."""
+    data = json.loads(cfg.model_dump_json())
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """Return ``(key, default, help)`` for every config key, for `--help` and the docs."""
+    from deltatune.methods import registered_methods
+
+    rows: list[tuple[str, str, str]] = []
+    sections: list[tuple[str, type[BaseModel]]] = [
+        ("model", ModelConfig), ("data", DataConfig)]
+    sections += [("method", cls) for cls in registered_methods().values()]
+    sections += [("train", TrainConfig), ("output", OutputConfig)]
+    for prefix, cls in sections:
+        for name, field in cls.model_fields.items():
+            if prefix == "method" and name == "name" and rows and rows[-1][0].startswith("method."):
+                continue
+            default = field.get_default(call_default_factory=True)
+            rows.append((f"{prefix}.{name}", json.dumps(default), " ".join((field.description or "").split())))
+    return rows

@@ -1,0 +1,193 @@
+"""Save, load and merge a delta: ``adapter_config.json`` + ``adapter_model.safetensors`` + ``README.md``.
+
+For methods peft also has, the two files are exactly peft's format, so ``PeftModel.from_pretrained``
+and vLLM read them unchanged. What deltatune needs beyond peft's fields (its own method config, the
+task, label names) travels in the safetensors header metadata under ``deltatune``, where peft does not
+look; a delta written by peft itself loads too, from its peft fields. Nothing is ever unpickled.
+Every file is written to a temporary name and renamed into place, so a crash leaves no half-written delta.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from deltatune.config import MethodConfig, ModelConfig
+from deltatune.errors import DeltatuneError
+from deltatune.methods import Method, build_method, method_config_class
+from deltatune.models import LoadedModel, load_model
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+CARD_FILE = "README.md"
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (same folder, atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def save_delta(
+    out_dir: str | Path,
+    method: Method,
+    model: nn.Module,
+    base_model: str,
+    *,
+    task: str,
+    card: str | None = None,
+) -> Path:
+    """Write the delta of ``model`` (trained with ``method`` on ``base_model``) into ``out_dir``.
+
+    Returns the folder. ``card`` is the model card text (README.md); ``task`` is stored so the delta
+    reloads onto the right head.
+    """
+    out = Path(out_dir)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in method.delta_state_dict(model).items()}
+    extra: dict[str, Any] = {"method": method.config.model_dump(mode="json"), "task": task}
+    id2label = getattr(model.config, "id2label", None)
+    if task == "classification" and id2label:
+        extra["id2label"] = {str(k): v for k, v in id2label.items()}
+    metadata = {"format": "pt", "deltatune": json.dumps(extra)}
+    write_atomic(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    config = method.adapter_config(model, base_model)
+    write_text_atomic(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    if card is not None:
+        write_text_atomic(out / CARD_FILE, card)
+    return out
+
+
+@dataclass
+class DeltaInfo:
+    """What a delta folder says about itself."""
+
+    folder: Path
+    adapter_config: dict[str, Any]
+    method_config: MethodConfig
+    task: str
+    base_model: str
+    id2label: dict[int, str] | None
+
+
+def read_delta_info(folder: str | Path) -> DeltaInfo:
+    """Read and check a delta folder's config and metadata; raise DeltatuneError naming what is wrong."""
+    path = Path(folder)
+    cfg_path, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for f in (cfg_path, weights):
+        if not f.is_file():
+            raise DeltatuneError(f"{f}: not found; is {path} a delta folder written by `deltatune train`?")
+    try:
+        adapter_config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise DeltatuneError(f"{cfg_path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    with safe_open(str(weights), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("deltatune", "{}"))
+    if "method" in meta:
+        method_cfg = method_config_class(meta["method"].get("name", "?")).model_validate(meta["method"])
+    else:
+        method_cfg = _method_config_from_peft(adapter_config, cfg_path)
+    task = meta.get("task") or ("classification" if adapter_config.get("task_type") == "SEQ_CLS" else "causal_lm")
+    base = adapter_config.get("base_model_name_or_path")
+    if not base:
+        raise DeltatuneError(f"{cfg_path}: base_model_name_or_path is empty; set it to the base model's folder")
+    id2label = {int(k): v for k, v in meta["id2label"].items()} if meta.get("id2label") else None
+    return DeltaInfo(path, adapter_config, method_cfg, task, base, id2label)
+
+
+def _method_config_from_peft(adapter_config: dict[str, Any], where: Path) -> MethodConfig:
+    peft_type = adapter_config.get("peft_type")
+    if peft_type == "LORA":
+        return method_config_class("lora").model_validate({
+            "name": "lora",
+            "r": adapter_config["r"],
+            "alpha": adapter_config.get("lora_alpha", adapter_config["r"]),
+            "dropout": adapter_config.get("lora_dropout", 0.0),
+            "targets": adapter_config.get("target_modules") or "all-linear",
+            "layers": adapter_config.get("layers_to_transform"),
+            "use_rslora": adapter_config.get("use_rslora", False),
+        })
+    raise DeltatuneError(f"{where}: peft_type {peft_type!r} is not supported by this deltatune version")
+
+
+def read_delta_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Return the tensors of a delta's safetensors file."""
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(str(Path(folder) / WEIGHTS_FILE), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
+            out[key] = f.get_tensor(key)
+    return out
+
+
+@dataclass
+class LoadedDelta:
+    """A base model with a delta attached, ready for generation, eval or merge."""
+
+    loaded: LoadedModel
+    method: Method
+    info: DeltaInfo
+
+
+def load_delta(folder: str | Path, *, device: str = "auto", dtype: str = "auto") -> LoadedDelta:
+    """Load the delta's base model, attach the method, and load the trained tensors into it.
+
+    Returns a LoadedDelta whose model computes exactly what the trained model computed.
+    """
+    info = read_delta_info(folder)
+    num_labels = len(info.id2label) if info.id2label else None
+    loaded = load_model(ModelConfig(name=info.base_model, device=device, dtype=dtype), task=info.task,
+                        num_labels=num_labels, id2label=info.id2label)
+    method = build_method(info.method_config)
+    method.attach(loaded.model)
+    method.load_delta_state_dict(loaded.model, read_delta_tensors(folder))
+    loaded.model.eval()
+    return LoadedDelta(loaded, method, info)
+
+
+def save_merged(delta: LoadedDelta, out_dir: str | Path, dtype: str = "float32") -> Path:
+    """Fold the delta into the base weights and write a plain model folder transformers loads alone.
+
+    Writes safetensors weights, config.json and the tokenizer into ``out_dir`` (via a temporary sibling
+    folder renamed into place); returns the folder.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise DeltatuneError(f"{out}: folder exists and is not empty; choose a new folder for the merged model")
+    model = delta.method.merge(delta.loaded.model)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    model.to(torch_dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        delta.loaded.tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

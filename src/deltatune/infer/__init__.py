@@ -1,0 +1,1 @@
+"""Inference with a base model plus a delta: generation, chat, and (later) the HTTP server."""

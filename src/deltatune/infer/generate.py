@@ -1,0 +1,56 @@
+"""Generate replies with a chat model: prompts rendered with its chat template, batched, greedy by default."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """Return the chat-template text for ``messages`` followed by the assistant header."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # the same fallback template the data package uses for tokenizers without one
+    parts = [f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages]
+    return "".join(parts) + "### Assistant:\n"
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[list[dict[str, str]]] | list[str],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+) -> list[str]:
+    """Return the reply to each prompt (a user string or a list of chat messages), without the prompt.
+
+    Prompts are left-padded in batches; ``temperature`` 0 means greedy decoding.
+    """
+    device = next(model.parameters()).device
+    texts = [render_prompt(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p)
+             for p in prompts]
+    replies: list[str] = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(device)
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
+                else {"do_sample": False}
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 **sampling)
+            new = out[:, batch["input_ids"].shape[1]:]
+            replies += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return replies

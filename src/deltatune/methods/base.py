@@ -1,0 +1,175 @@
+"""The Method contract and the helpers every method shares: target discovery and freezing.
+
+A method is a pydantic config plus three verbs (see DESIGN.md):
+
+- ``attach(model)``: freeze the base, insert or unfreeze what the method trains; outputs stay equal to
+  the base model's (identity initialisation) unless the method changes the input by design.
+- the trainable state is exactly the parameters with ``requires_grad``; ``delta_state_dict`` names them
+  as they are written to ``adapter_model.safetensors``.
+- ``merge(model)``: fold the delta into plain weights (same outputs, no extra modules) or raise.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from deltatune.config import MethodConfig
+from deltatune.errors import ConfigError, DeltatuneError
+
+
+class Method(ABC):
+    """One fine-tuning method bound to its validated config."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+    mergeable: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Freeze the base and add the method's trainable parts; return the model (changed in place)."""
+
+    @abstractmethod
+    def delta_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Return the trained tensors under the names they have in ``adapter_model.safetensors``."""
+
+    @abstractmethod
+    def load_delta_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy saved tensors into an attached model; raise DeltatuneError on a missing or extra name."""
+
+    @abstractmethod
+    def adapter_config(self, model: nn.Module, base_model: str) -> dict[str, Any]:
+        """Return the ``adapter_config.json`` content for this method on this model."""
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold the delta into the base weights and remove the method's modules; return the model."""
+        raise DeltatuneError(f"method {self.name!r} cannot be merged into the weights; use it unmerged")
+
+    @contextmanager
+    def disabled(self, model: nn.Module) -> Iterator[None]:
+        """Within the block, the model computes as the base model (for evaluating the base)."""
+        raise DeltatuneError(f"method {self.name!r} has no disable switch")
+        yield  # pragma: no cover
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available as ``method.name: <cls.name>``; names must be unique."""
+    if cls.name in _REGISTRY:
+        raise RuntimeError(f"method {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered_methods() -> dict[str, type[MethodConfig]]:
+    """Return ``{method name: config class}`` for every registered method."""
+    return {name: cls.config_class for name, cls in _REGISTRY.items()}
+
+
+def method_class(name: str) -> type[Method]:
+    """Return the Method class registered as ``name``; raise ConfigError listing the known names."""
+    if name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ConfigError(f"method.name: unknown method {name!r}; choose one of: {known}")
+    return _REGISTRY[name]
+
+
+def method_config_class(name: str) -> type[MethodConfig]:
+    """Return the config class of method ``name`` (for validating the `method` section)."""
+    if name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"unknown method {name!r}; choose one of: {known}")
+    return _REGISTRY[name].config_class
+
+
+def build_method(config: MethodConfig) -> Method:
+    """Return the Method instance for a validated method config."""
+    return method_class(config.name)(config)
+
+
+# ----------------------------------------------------------------------------------------------------
+# target discovery and freezing
+
+
+def output_layer_names(model: nn.Module) -> set[str]:
+    """Return the qualified names of the model's output head(s): never targets of `all-linear`."""
+    names: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if out is not None and module is out:
+            names.add(name)
+        if name.split(".")[-1] in {"lm_head", "classifier", "score", "qa_outputs"}:
+            names.add(name)
+    return names
+
+
+def _layer_index(name: str) -> int | None:
+    match = re.search(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.", f".{name}.")
+    return int(match.group(1)) if match else None
+
+
+def find_targets(
+    model: nn.Module,
+    targets: str | list[str],
+    layers: list[int] | None = None,
+    kinds: tuple[type[nn.Module], ...] = (nn.Linear,),
+) -> list[str]:
+    """Return the names of the modules that ``targets`` selects, in model order.
+
+    ``targets`` is ``"all-linear"`` (every linear layer except the output head), a regex matched against
+    the whole qualified name, or a list of names matched as the last part(s) of the qualified name
+    (``q_proj`` matches ``model.layers.0.self_attn.q_proj``). ``layers`` keeps only those block indices.
+    Raises ConfigError when nothing matches, naming what the model has.
+    """
+    skip = output_layer_names(model)
+    chosen: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, kinds) or name in skip:
+            continue
+        if targets == "all-linear":
+            ok = True
+        elif isinstance(targets, str):
+            ok = re.fullmatch(targets, name) is not None
+        else:
+            ok = any(name == t or name.endswith("." + t) for t in targets)
+        if ok and layers is not None:
+            ok = _layer_index(name) in set(layers)
+        if ok:
+            chosen.append(name)
+    if not chosen:
+        leaf_names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, kinds)})
+        raise ConfigError(
+            f"method.targets: {targets!r} matches no layer of this model; its linear layers are named "
+            f"{', '.join(leaf_names)} (or use all-linear)"
+        )
+    return chosen
+
+
+def freeze(model: nn.Module) -> None:
+    """Set ``requires_grad=False`` on every parameter of ``model``."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at qualified ``name`` with ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Return ``{name: parameter}`` for every parameter that requires a gradient."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,241 @@
+"""LoRA: a trainable low-rank update beside each frozen linear weight (Hu et al. 2021).
+
+    y = W x + (alpha / r) * B (A dropout(x))        A: (r, in)  B: (out, r)
+
+A starts as nn.Linear's Kaiming-uniform init and B as zeros, so the attached model computes exactly
+what the base computes (the update is 0) until the first step. rsLoRA (Kalajdzievski 2023) scales by
+alpha / sqrt(r) instead, which keeps the update's size stable as r grows. Merging folds
+``scaling * B @ A`` into W: the merged model has no extra modules and no extra latency.
+
+Saved in peft's LoRA format: ``base_model.model.<layer>.lora_A.weight`` / ``.lora_B.weight``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from deltatune.config import MethodConfig
+from deltatune.errors import DeltatuneError
+from deltatune.methods.base import (
+    Method,
+    find_targets,
+    freeze,
+    output_layer_names,
+    register_method,
+    set_submodule,
+)
+
+PEFT_PREFIX = "base_model.model."
+
+
+class LoraConfig(MethodConfig):
+    name: Literal["lora"] = "lora"
+    """The fine-tuning method."""
+    r: int = Field(default=8, ge=1, le=4096)
+    """LoRA rank: the inner size of B @ A."""
+    alpha: float = Field(default=16.0, gt=0)
+    """Scaling numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA branch's input during training."""
+    targets: str | list[str] = "all-linear"
+    """`all-linear` (every linear layer but the output head), a list of layer names (q_proj, v_proj),
+    or a regex on full names."""
+    layers: list[int] | None = None
+    """Only these block indices (default: all blocks)."""
+    use_rslora: bool = False
+    """rsLoRA scaling alpha / sqrt(r) instead of alpha / r."""
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_not_empty(cls, value: str | list[str]) -> str | list[str]:
+        if not value:
+            raise ValueError("must name at least one layer, or be `all-linear`")
+        return value
+
+
+class LoraLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update (see the module docstring)."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        device = base_layer.weight.device
+        # adapters train in float32 even over a half-precision base, as peft does by default
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.merged = False
+        self.disabled = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged or self.disabled:
+            return y
+        a = self.lora_A.weight
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))
+        return y + (update * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """Return ``scaling * B @ A`` in float32, shaped like the base weight."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge_(self) -> None:
+        """Add the update into the base weight (in place); the LoRA branch is then skipped."""
+        if not self.merged:
+            w = self.base_layer.weight
+            w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge_(self) -> None:
+        """Subtract the update from the base weight again (inverse of merge_, to float rounding)."""
+        if self.merged:
+            w = self.base_layer.weight
+            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+            self.merged = False
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+    """Yield ``(name, layer)`` for every LoRA layer in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            yield name, module
+
+
+def _head_names(model: nn.Module) -> list[str]:
+    """Classification heads are freshly initialised, so they train beside LoRA (peft's modules_to_save)."""
+    if getattr(model.config, "num_labels", None) is None or model.get_output_embeddings() is not None:
+        return []
+    return sorted(n for n in output_layer_names(model) if n)
+
+
+@register_method
+class LoraMethod(Method):
+    """LoRA on the linear layers that ``targets`` selects (see the module docstring)."""
+
+    name = "lora"
+    config_class = LoraConfig
+    mergeable = True
+    config: LoraConfig
+    target_modules: list[str] | str = "all-linear"
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Freeze the model and wrap every target linear layer in a LoraLinear; returns the model."""
+        if any(True for _ in lora_layers(model)):
+            raise DeltatuneError("this model already has LoRA layers; load a fresh base model")
+        cfg = self.config
+        targets = find_targets(model, cfg.targets, cfg.layers)
+        self.target_modules = _peft_target_modules(model, targets, cfg.layers)
+        freeze(model)
+        for name in targets:
+            layer = model.get_submodule(name)
+            set_submodule(model, name, LoraLinear(layer, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora))
+        for head in _head_names(model):
+            model.get_submodule(head).requires_grad_(True)
+        return model
+
+    def delta_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Return every LoRA tensor (and a classifier head's) under its peft name."""
+        out: dict[str, torch.Tensor] = {}
+        for name, layer in lora_layers(model):
+            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach()
+            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach()
+        for head in _head_names(model):
+            for pname, p in model.get_submodule(head).named_parameters():
+                out[f"{PEFT_PREFIX}{head}.{pname}"] = p.detach()
+        return out
+
+    def load_delta_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy saved LoRA tensors into the attached model; raise if names or shapes disagree."""
+        own = {}
+        for name, layer in lora_layers(model):
+            own[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
+            own[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+        for head in _head_names(model):
+            for pname, p in model.get_submodule(head).named_parameters():
+                own[f"{PEFT_PREFIX}{head}.{pname}"] = p
+        missing = sorted(set(own) - set(tensors))
+        extra = sorted(set(tensors) - set(own))
+        if missing or extra:
+            raise DeltatuneError(
+                "the delta does not fit this model: "
+                + (f"missing {missing[:3]}{'...' if len(missing) > 3 else ''} " if missing else "")
+                + (f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}" if extra else "")
+                + "; was it trained on another base model or with other targets?"
+            )
+        with torch.no_grad():
+            for key, param in own.items():
+                value = tensors[key]
+                if value.shape != param.shape:
+                    raise DeltatuneError(
+                        f"the delta's {key} has shape {tuple(value.shape)}, the model expects "
+                        f"{tuple(param.shape)}; was it trained with another rank or base model?"
+                    )
+                param.copy_(value.to(param.dtype))
+
+    def adapter_config(self, model: nn.Module, base_model: str) -> dict[str, Any]:
+        """Return peft's LoraConfig fields, so peft and vLLM load the delta as it is."""
+        cfg = self.config
+        heads = _head_names(model)
+        return {
+            "peft_type": "LORA",
+            "task_type": "SEQ_CLS" if heads else "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "revision": None,
+            "inference_mode": True,
+            "r": cfg.r,
+            "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout,
+            "target_modules": self.target_modules,
+            "layers_to_transform": cfg.layers,
+            "layers_pattern": None,
+            "use_rslora": cfg.use_rslora,
+            "use_dora": False,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "modules_to_save": [h.split(".")[-1] for h in heads] or None,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        }
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold every LoRA update into its base weight and put the plain nn.Linear back; returns the model."""
+        for name, layer in list(lora_layers(model)):
+            layer.merge_()
+            set_submodule(model, name, layer.base_layer)
+        return model
+
+    @contextmanager
+    def disabled(self, model: nn.Module) -> Iterator[None]:
+        """Within the block, skip every LoRA branch: the model computes as the base model."""
+        layers = [layer for _, layer in lora_layers(model)]
+        before = [layer.disabled for layer in layers]
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer, state in zip(layers, before, strict=True):
+                layer.disabled = state
+
+
+def _peft_target_modules(model: nn.Module, targets: list[str], layers: list[int] | None) -> list[str] | str:
+    """Name ``targets`` as peft's ``target_modules``: leaf names (what peft and vLLM expect) when they
+    select exactly these layers, else an exact regex of the full names."""
+    leaves = sorted({n.split(".")[-1] for n in targets})
+    if find_targets(model, leaves, layers) == targets:
+        return leaves
+    return "(" + "|".join(re.escape(n) for n in targets) + ")"

@@ -1,0 +1,65 @@
+"""Losses that compute only what is needed: the output layer runs on supervised positions only.
+
+A causal LM's output layer (576 x 49152 on SmolLM2) is the most expensive matmul of a step, and most
+positions of an SFT batch are prompt tokens whose logits nobody uses. The model is asked for logits
+only at the positions whose next token is supervised (transformers' ``logits_to_keep`` with an index
+tensor), so the loss is the same number at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Return True if the model's forward takes ``logits_to_keep`` (most transformers causal LMs)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Return the tensors of a collated batch that the model's forward takes."""
+    keys = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], sparse_logits: bool = True
+                       ) -> tuple[torch.Tensor, int]:
+    """Return (summed next-token cross-entropy over supervised tokens, number of supervised tokens)."""
+    targets = batch["labels"][:, 1:]  # (B, T-1): the token each position predicts
+    supervised = targets != IGNORE
+    count = int(supervised.sum())
+    inputs = model_inputs(batch)
+    if sparse_logits and accepts_logits_to_keep(model):
+        keep = supervised.any(dim=0).nonzero().squeeze(1)  # (N,) positions with a supervised next token
+        logits = model(**inputs, logits_to_keep=keep).logits  # (B, N, V)
+        chosen = targets[:, keep]  # (B, N)
+    else:
+        logits = model(**inputs).logits[:, :-1]
+        chosen = targets
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), chosen.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, count
+
+
+def classification_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]
+                            ) -> tuple[torch.Tensor, int, int]:
+    """Return (summed cross-entropy, number of examples, number of correct predictions)."""
+    logits = model(**model_inputs(batch)).logits  # (B, num_labels)
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+    correct = int((logits.argmax(-1) == labels).sum())
+    return loss, int(labels.numel()), correct
+
+
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, int]:
+    """Return (summed loss, count of items it sums over) for either task."""
+    if task == "classification":
+        loss, count, _ = classification_loss_sum(model, batch)
+        return loss, count
+    return causal_lm_loss_sum(model, batch)
