@@ -60,7 +60,7 @@ class DataConfig(Section):
     """A system message added to chat examples that have none."""
     batching: Literal["pack", "bucket", "pad"] = "pack"
     """`pack`: a micro-batch's examples share one row, isolated by a block-diagonal mask (no padding);
-    `bucket`: padded batches of similar length; `pad`: padded in data order."""
+    `bucket`: padded batches of similar length; `pad`: padded batches in shuffled order."""
     split: str = "train"
     """Hub data sets: the split to read."""
     max_examples: int | None = Field(default=None, ge=1)

@@ -42,7 +42,7 @@ def demo_example(rng: random.Random) -> dict[str, list[dict[str, str]]]:
     ]}
 
 
-def write_demo_data(folder: Path, n_train: int = 480, n_eval: int = 64, seed: int = 0) -> tuple[Path, Path]:
+def write_demo_data(folder: Path, n_train: int = 320, n_eval: int = 64, seed: int = 0) -> tuple[Path, Path]:
     """Write ``demo_train.jsonl`` and ``demo_eval.jsonl`` (disjoint, seeded) into ``folder``; return both paths."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)

@@ -192,7 +192,7 @@ def _step(model: torch.nn.Module, group: list[list[int]], dataset: list[Tokenize
         batch = {k: v.to(device) for k, v in batch.items()}
         loss, _ = loss_sum(model, batch, task)
         (loss / max(total, 1)).backward()
-        step_loss += float(loss)
+        step_loss += float(loss.detach())
     grad_norm = float("nan")
     if t.max_grad_norm:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), t.max_grad_norm))

@@ -21,7 +21,7 @@ def build_optimizer(params: dict[str, nn.Parameter], cfg: TrainConfig) -> torch.
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     """Return the number of warmup steps: ``warmup`` is a fraction of the steps when < 1."""
-    return int(math.ceil(cfg.warmup * total_steps)) if cfg.warmup < 1 else int(cfg.warmup)
+    return math.ceil(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
 
 
 def lr_factor(step: int, total_steps: int, warmup: int, schedule: str) -> float:

@@ -74,7 +74,7 @@ def load_run_data(cfg: RunConfig, out_dir: Path) -> RunData:
     if isinstance(eval_spec, float):
         order = list(range(len(examples)))
         random.Random(cfg.train.seed).shuffle(order)
-        n_eval = max(1, int(round(eval_spec * len(examples))))
+        n_eval = max(1, round(eval_spec * len(examples)))
         if n_eval >= len(examples):
             raise ConfigError(f"data.eval: {eval_spec} leaves no training example out of {len(examples)}")
         held = set(order[:n_eval])

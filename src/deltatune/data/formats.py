@@ -1,0 +1,221 @@
+"""Turn raw records into examples: chat formats become messages, plain text and classification stay text.
+
+    fmt = detect_format(record, "train.jsonl:1")        # "alpaca"
+    examples = to_examples(records, "auto", system_prompt="Be brief.")
+
+Formats and the fields they need:
+
+- ``alpaca``: ``instruction``, ``output``, optional ``input`` and ``system``
+- ``messages``: ``messages``: [{role: system|user|assistant, content, weight?: 0|1}] (OpenAI style)
+- ``sharegpt``: ``conversations``: [{from: human|user|gpt|assistant|chatgpt|system, value}], optional ``system``
+- ``prompt_completion``: ``prompt``, ``completion`` (one user turn, one assistant turn)
+- ``classification``: ``label`` plus ``text`` or ``sentence`` (or ``sentence1``/``sentence2``)
+- ``text``: ``text`` only (plain language modelling)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from deltatune.errors import DataError
+
+FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "classification", "text")
+CHAT_FORMATS = frozenset({"alpaca", "messages", "sharegpt", "prompt_completion"})
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "system": "system"}
+
+
+@dataclass
+class Message:
+    """One turn of a conversation; ``weight`` 0 excludes an assistant turn from the loss (OpenAI style)."""
+
+    role: str
+    content: str
+    weight: float | None = None
+
+
+@dataclass
+class Example:
+    """One training example before tokenization; ``origin`` is ``path:line`` for error messages."""
+
+    origin: str
+    messages: list[Message] | None = None
+    text: str | None = None
+    text_pair: str | None = None
+    label: int | str | None = None
+
+
+def detect_format(record: dict[str, Any], origin: str) -> str:
+    """Tell an example's format from its fields; returns one of FORMATS or raises DataError."""
+    fields = set(record)
+    if "messages" in fields and isinstance(record["messages"], list):
+        return "messages"
+    if "conversations" in fields and isinstance(record["conversations"], list):
+        return "sharegpt"
+    if {"instruction", "output"} <= fields:
+        return "alpaca"
+    if {"prompt", "completion"} <= fields:
+        return "prompt_completion"
+    if "label" in fields and fields & {"text", "sentence", "sentence1"}:
+        return "classification"
+    if "text" in fields:
+        return "text"
+    raise DataError(f"{origin}: cannot tell the format from fields {sorted(fields)}; set data.format to one "
+                    f"of {', '.join(FORMATS)} (see `deltatune config` for the fields each needs)")
+
+
+def _field(record: dict[str, Any], key: str, origin: str, *, required: bool = True,
+           allow_empty: bool = False) -> str | None:
+    """A string field: missing, non-string or (unless allowed) blank values raise DataError."""
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise DataError(f"{origin}: missing field {key!r} (fields: {sorted(record)}); add it, "
+                            "or set data.format if the format was detected wrongly")
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{origin}: field {key!r} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{origin}: field {key!r} is empty; give it text or remove the example")
+    return value
+
+
+def _weight(value: Any, role: str, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in (0, 1):
+        raise DataError(f"{where}: weight must be 0 or 1, got {value!r}")
+    if role != "assistant":
+        raise DataError(f"{where}: weight is only allowed on assistant messages (this one is {role}); "
+                        "remove it")
+    return float(value)
+
+
+def _check_turns(messages: list[Message], origin: str) -> list[Message]:
+    if not any(m.role == "assistant" for m in messages):
+        raise DataError(f"{origin}: no assistant message, so nothing to learn; add an assistant turn "
+                        "or remove the example")
+    return messages
+
+
+def _from_messages(record: dict[str, Any], origin: str) -> list[Message]:
+    raw = record.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f"{origin}: field 'messages' must be a non-empty list of {{role, content}}")
+    messages = []
+    for i, item in enumerate(raw):
+        where = f"{origin}: messages[{i}]"
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: expected an object {{role, content}}, got {type(item).__name__}")
+        role = item.get("role")
+        if role not in ROLES:
+            raise DataError(f"{where}: unknown role {role!r}; use one of {', '.join(ROLES)}")
+        content = _field(item, "content", where)
+        assert content is not None
+        messages.append(Message(role, content, _weight(item.get("weight"), role, where)))
+    return _check_turns(messages, origin)
+
+
+def _from_sharegpt(record: dict[str, Any], origin: str) -> list[Message]:
+    raw = record.get("conversations")
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f"{origin}: field 'conversations' must be a non-empty list of {{from, value}}")
+    messages = []
+    system = _field(record, "system", origin, required=False, allow_empty=True)
+    if system and system.strip():
+        messages.append(Message("system", system))
+    for i, item in enumerate(raw):
+        where = f"{origin}: conversations[{i}]"
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: expected an object {{from, value}}, got {type(item).__name__}")
+        speaker = item.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            raise DataError(f"{where}: unknown speaker {speaker!r}; use one of {', '.join(SHAREGPT_ROLES)}")
+        value = _field(item, "value", where)
+        assert value is not None
+        role = SHAREGPT_ROLES[speaker]
+        messages.append(Message(role, value, _weight(item.get("weight"), role, where)))
+    return _check_turns(messages, origin)
+
+
+def _from_alpaca(record: dict[str, Any], origin: str) -> list[Message]:
+    instruction = _field(record, "instruction", origin)
+    extra = _field(record, "input", origin, required=False, allow_empty=True)
+    output = _field(record, "output", origin)
+    system = _field(record, "system", origin, required=False, allow_empty=True)
+    user = f"{instruction}\n\n{extra}" if extra and extra.strip() else str(instruction)
+    messages = [Message("system", system)] if system and system.strip() else []
+    return [*messages, Message("user", user), Message("assistant", str(output))]
+
+
+def _from_prompt_completion(record: dict[str, Any], origin: str) -> list[Message]:
+    prompt = _field(record, "prompt", origin)
+    completion = _field(record, "completion", origin)
+    return [Message("user", str(prompt)), Message("assistant", str(completion))]
+
+
+def _label(value: Any, origin: str) -> int | str:
+    if value is None:
+        raise DataError(f"{origin}: missing field 'label'; give every example a label")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise DataError(f"{origin}: label must be an integer or a string, got {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise DataError(f"{origin}: label must be an integer or a string, got {value!r}")
+        return int(value)
+    if isinstance(value, str) and not value.strip():
+        raise DataError(f"{origin}: label is empty; give every example a label")
+    return value
+
+
+def _classification(record: dict[str, Any], origin: str) -> Example:
+    key = next((k for k in ("text", "sentence", "sentence1") if k in record), "text")
+    text = _field(record, key, origin)
+    pair_key = next((k for k in ("text_pair", "sentence2") if record.get(k) is not None), None)
+    pair = _field(record, pair_key, origin) if pair_key else None
+    return Example(origin, text=text, text_pair=pair, label=_label(record.get("label"), origin))
+
+
+_CHAT_READERS = {"alpaca": _from_alpaca, "messages": _from_messages, "sharegpt": _from_sharegpt,
+                 "prompt_completion": _from_prompt_completion}
+
+
+def to_example(record: dict[str, Any], origin: str, fmt: str, *, system_prompt: str | None = None) -> Example:
+    """Convert one record in a known format to an Example, validating it; raises DataError with origin."""
+    if fmt in _CHAT_READERS:
+        messages = _CHAT_READERS[fmt](record, origin)
+        if system_prompt and messages[0].role != "system":
+            messages.insert(0, Message("system", system_prompt))
+        return Example(origin, messages=messages)
+    if fmt == "classification":
+        return _classification(record, origin)
+    if fmt == "text":
+        return Example(origin, text=_field(record, "text", origin))
+    raise DataError(f"unknown data.format {fmt!r}; use auto or one of {', '.join(FORMATS)}")
+
+
+def to_examples(records: Iterable[tuple[str, dict[str, Any]]], fmt: str = "auto", *,
+                system_prompt: str | None = None) -> list[Example]:
+    """Convert ``(origin, record)`` pairs to Examples of one format, validating each record.
+
+    ``auto`` detects the format once from the first record; every record must then fit that format.
+    Returns the examples in order; raises DataError naming the record's origin on the first bad one.
+    """
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(f"unknown data.format {fmt!r}; use auto or one of {', '.join(FORMATS)}")
+    examples: list[Example] = []
+    detected_at = ""
+    for origin, record in records:
+        if fmt == "auto":
+            fmt, detected_at = detect_format(record, origin), origin
+        try:
+            examples.append(to_example(record, origin, fmt, system_prompt=system_prompt))
+        except DataError as err:
+            if detected_at and detected_at != origin:
+                raise DataError(f"{err} (the format was detected as {fmt} from {detected_at}; every "
+                                "example must have that format, or set data.format)") from None
+            raise
+    return examples
