@@ -50,6 +50,16 @@ class Method(ABC):
     def adapter_config(self, model: nn.Module, base_model: str) -> dict[str, Any]:
         """Return the ``adapter_config.json`` content for this method on this model."""
 
+    def regularization(self, model: nn.Module) -> torch.Tensor | None:
+        """Return a term added to every step's loss (e.g. diff pruning's L0 penalty), or None."""
+        return None
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Called after every optimizer step (e.g. to re-apply a sparsity mask)."""
+
+    def finalize(self, model: nn.Module) -> None:
+        """Called once when training ends, before the delta is saved (e.g. to prune to a target sparsity)."""
+
     def merge(self, model: nn.Module) -> nn.Module:
         """Fold the delta into the base weights and remove the method's modules; return the model."""
         raise DeltatuneError(f"method {self.name!r} cannot be merged into the weights; use it unmerged")

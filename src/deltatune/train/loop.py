@@ -23,7 +23,7 @@ from deltatune.data import TokenizedExample, collate, padding_waste, plan_batche
 from deltatune.delta import save_delta, write_text_atomic
 from deltatune.errors import DeltatuneError
 from deltatune.evaluate import eval_loss, exact_match
-from deltatune.methods import build_method, trainable_parameters
+from deltatune.methods import Method, build_method, trainable_parameters
 from deltatune.models import load_model
 from deltatune.train.card import model_card, summarize_parameters
 from deltatune.train.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
@@ -140,9 +140,10 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Tra
             plan = plan_batches(lengths, batch_size=t.batch_size, mode=mode, seed=t.seed, epoch=state.epoch)
             while state.cursor < len(plan) and state.step < total_steps:
                 group = plan[state.cursor:state.cursor + t.grad_accum]
-                last_loss, tokens, grad_norm = _step(model, group, train_set, mode, pad_id, data.task, device, t,
-                                                     params, optimizer)
+                last_loss, tokens, grad_norm = _step(model, method, group, train_set, mode, pad_id, data.task,
+                                                     device, t, params, optimizer)
                 scheduler.step()
+                method.after_step(model, state.step, total_steps)
                 state.step += 1
                 state.cursor += len(group)
                 state.tokens_seen += tokens
@@ -167,6 +168,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Tra
     bar.close()
     model.eval()
     save_checkpoint(out, state, params, optimizer, scheduler)
+    method.finalize(model)
     result.steps, result.train_loss = state.step, last_loss
     result.eval_end = evaluate(state.step)
     if result.eval_end:
@@ -180,7 +182,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Tra
     return result
 
 
-def _step(model: torch.nn.Module, group: list[list[int]], dataset: list[TokenizedExample], mode: str,
+def _step(model: torch.nn.Module, method: Method, group: list[list[int]], dataset: list[TokenizedExample], mode: str,
           pad_id: int, task: str, device: torch.device, t: Any, params: dict[str, torch.nn.Parameter],
           optimizer: torch.optim.Optimizer) -> tuple[float, int, float]:
     """Run one optimizer step over the micro-batches of ``group``; return (loss, tokens, grad norm)."""
@@ -191,7 +193,11 @@ def _step(model: torch.nn.Module, group: list[list[int]], dataset: list[Tokenize
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         loss, _ = loss_sum(model, batch, task)
-        (loss / max(total, 1)).backward()
+        scaled = loss / max(total, 1)
+        reg = method.regularization(model)
+        if reg is not None:  # a per-step penalty, spread evenly over the step's micro-batches
+            scaled = scaled + reg / len(batches)
+        scaled.backward()
         step_loss += float(loss.detach())
     grad_norm = float("nan")
     if t.max_grad_norm:
