@@ -56,9 +56,11 @@ class Method(ABC):
 
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Called after every optimizer step (e.g. to re-apply a sparsity mask)."""
+        return None
 
     def finalize(self, model: nn.Module) -> None:
         """Called once when training ends, before the delta is saved (e.g. to prune to a target sparsity)."""
+        return None
 
     def merge(self, model: nn.Module) -> nn.Module:
         """Fold the delta into the base weights and remove the method's modules; return the model."""
