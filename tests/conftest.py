@@ -38,7 +38,8 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, pad_token_id=2, bos_token_id=1, eos_token_id=2)
+                         tie_word_embeddings=True, pad_token_id=2, bos_token_id=1, eos_token_id=2,
+                         initializer_range=0.2)  # large enough that a frozen tied head can express a task
     model = LlamaForCausalLM(config)
     out = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(out)

@@ -31,15 +31,21 @@ def _keys_help() -> str:
     return "\n".join(lines)
 
 
+def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The optional config file is positional, so `deltatune train a=1` puts an override in its place."""
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]
+    return config, overrides
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a method; with no config and no data, run the built-in demo."""
     from deltatune.config import load_config
     from deltatune.train.loop import train
     from deltatune.train.setup import demo_overrides
 
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        config, overrides = None, [config, *overrides]
+    config, overrides = _config_and_overrides(args)
     cfg = load_config(config, overrides)
     if cfg.data.train is None:
         # the demo: its settings first, so the user's own overrides still win
@@ -54,7 +60,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     """Print the full default config (or a given config, resolved with overrides) as YAML."""
     from deltatune.config import dump_config, load_config
 
-    print(dump_config(load_config(args.config, list(args.overrides))), end="")
+    print(dump_config(load_config(*_config_and_overrides(args))), end="")
     return 0
 
 
@@ -162,7 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `deltatune` command with ``argv``; return the exit code (2 for user errors)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come after options (`train run.yaml --resume a=1`): collect those too
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     handler: Handler = args.handler
     try:
         return handler(args)

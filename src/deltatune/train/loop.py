@@ -184,7 +184,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Tra
 
 def _step(model: torch.nn.Module, method: Method, group: list[list[int]], dataset: list[TokenizedExample], mode: str,
           pad_id: int, task: str, device: torch.device, t: Any, params: dict[str, torch.nn.Parameter],
-          optimizer: torch.optim.Optimizer) -> tuple[float, int, float]:
+          optimizer: torch.optim.Optimizer) -> tuple[float, int, float | None]:
     """Run one optimizer step over the micro-batches of ``group``; return (loss, tokens, grad norm)."""
     batches = [collate([dataset[i] for i in idx], mode=mode, pad_id=pad_id, task=task) for idx in group]
     total = sum(int(b["num_supervised"]) for b in batches)
@@ -199,7 +199,7 @@ def _step(model: torch.nn.Module, method: Method, group: list[list[int]], datase
             scaled = scaled + reg / len(batches)
         scaled.backward()
         step_loss += float(loss.detach())
-    grad_norm = float("nan")
+    grad_norm = None
     if t.max_grad_norm:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), t.max_grad_norm))
     optimizer.step()

@@ -1,0 +1,153 @@
+"""The training loop end to end through the CLI, on a tiny random Llama with SmolLM2's tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import deltatune.train.loop as loop
+from deltatune.cli import main
+
+COLORS = {"apple": "red", "lime": "green", "sky": "blue", "banana": "yellow", "coal": "black", "snow": "white"}
+
+
+def write_chat_data(path: Path, n: int = 48) -> Path:
+    """A tiny learnable chat task: name the colour of a thing (the number is noise to ignore)."""
+    things = list(COLORS)
+    rows = [{"messages": [{"role": "user", "content": f"What colour is {things[i % 6]} number {i}?"},
+                          {"role": "assistant", "content": COLORS[things[i % 6]]}]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", f"model.name={model}", f"data.train={data}", f"output.dir={out}", "train.seed=3",
+            "train.batch_size=4", "method.r=4", "--no-progress", *extra]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_a_complete_run_and_lowers_eval_loss(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    data = write_chat_data(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    assert main(train_args(tiny_llama_dir, data, out, "train.max_steps=30", "train.lr=1e-2",
+                           "data.eval=0.25", "train.eval_every=10")) == 0
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md", "run.yaml", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoints" / "step-000030" / "state.json").is_file()
+    evals = [m["eval_loss"] for m in metrics(out) if "eval_loss" in m]
+    assert len(evals) == 4 and evals == sorted(evals, reverse=True) and evals[-1] < evals[0] - 2.0
+    assert sum(1 for m in metrics(out) if "loss" in m) == 30
+    card = (out / "README.md").read_text()
+    assert "lora" in card and "steps: 30" in card and str(tiny_llama_dir) in card
+    # run.yaml is the resolved config and reproduces the run's settings
+    assert "max_steps: 30" in (out / "run.yaml").read_text()
+
+
+def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny_llama_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_chat_data(tmp_path / "d.jsonl")
+    settings = ("train.max_steps=8", "method.dropout=0.1", "data.eval=null", "train.lr=1e-3")
+    straight = tmp_path / "straight"
+    assert main(train_args(tiny_llama_dir, data, straight, *settings)) == 0
+
+    real_step, calls = loop._step, {"n": 0}
+
+    def interrupt_at_step_5(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(loop, "_step", interrupt_at_step_5)
+    assert main(train_args(tiny_llama_dir, data, resumed, *settings)) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert (resumed / "checkpoints" / "step-000004").is_dir()
+    assert not (resumed / "adapter_model.safetensors").exists()  # no half-finished delta
+    monkeypatch.setattr(loop, "_step", real_step)
+    assert main([*train_args(tiny_llama_dir, data, resumed, *settings), "--resume"]) == 0
+    a = load_file(straight / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["step"] for m in metrics(resumed) if "loss" in m] == list(range(1, 9))
+
+
+def test_grad_accum_equals_the_larger_batch(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    data = write_chat_data(tmp_path / "d.jsonl", n=16)
+    common = ("train.max_steps=2", "data.eval=null", "train.lr=1e-3")
+    big, acc = tmp_path / "big", tmp_path / "acc"
+    assert main(train_args(tiny_llama_dir, data, big, *common, "train.batch_size=4")) == 0
+    assert main(train_args(tiny_llama_dir, data, acc, *common, "train.batch_size=2", "train.grad_accum=2")) == 0
+    a, b = load_file(big / "adapter_model.safetensors"), load_file(acc / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)
+
+
+def test_bad_data_stops_before_training_with_file_and_line(tiny_llama_dir: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_chat_data(tmp_path / "d.jsonl", n=4)
+    lines = data.read_text().splitlines()
+    lines[2] = '{"messages": [{"role": "user", "content": "hi"}'
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    assert main(train_args(tiny_llama_dir, data, out)) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:3:" in err and "Traceback" not in err
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_output_dir_is_not_overwritten_by_accident(tiny_llama_dir: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_chat_data(tmp_path / "d.jsonl", n=8)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(train_args(tiny_llama_dir, data, out, "train.max_steps=1")) == 2
+    assert "already holds files" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert main([*train_args(tiny_llama_dir, data, out, "train.max_steps=1"), "--resume"]) == 2
+    assert "no checkpoint to resume" in capsys.readouterr().err
+
+
+def test_generate_merge_and_transformers_loads_the_merged_folder(tiny_llama_dir: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.delta import load_delta
+
+    data = write_chat_data(tmp_path / "d.jsonl", n=16)
+    out, merged = tmp_path / "run", tmp_path / "merged"
+    assert main(train_args(tiny_llama_dir, data, out, "train.max_steps=4", "train.lr=5e-3",
+                           "data.eval=null")) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "What colour is sky number 3?", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["merge", str(out), str(merged)]) == 0
+    assert "max |logit difference|" in capsys.readouterr().out
+    assert (merged / "model.safetensors").is_file() and (merged / "tokenizer.json").is_file()
+    plain = AutoModelForCausalLM.from_pretrained(merged)
+    ids = torch.tensor([[1, 5, 900, 42, 7]])
+    want = load_delta(out, device="cpu").loaded.model(input_ids=ids).logits
+    assert torch.allclose(plain(input_ids=ids).logits, want, atol=1e-4)
+    assert main(["merge", str(out), str(merged)]) == 2  # never over an existing folder
+
+
+def test_classification_run_reports_accuracy(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    rows = ["sentence\tlabel"] + [f"{w} movie {i}\t{int(w == 'great')}" for i in range(24)
+                                   for w in (("great", "awful")[i % 2],)]
+    data = tmp_path / "cls.tsv"
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", f"model.name={tiny_bert_dir}", f"data.train={data}", "data.eval=0.25",
+                 f"output.dir={out}", "train.max_steps=25", "train.lr=1e-2", "train.batch_size=18",
+                 "train.schedule=constant", "--no-progress"]) == 0
+    evals = [m for m in metrics(out) if "eval_accuracy" in m]
+    assert len(evals) == 2 and evals[-1]["eval_accuracy"] == 1.0
+    assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
