@@ -69,3 +69,12 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
             shutil.copy(f, out / f.name)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _threads(request: pytest.FixtureRequest):
+    """Tiny models run fastest on one thread (and do not fight over the cores); real models use all."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(before if request.node.get_closest_marker("slow") else 1)
+    yield
+    torch.set_num_threads(before)

@@ -168,3 +168,17 @@ def test_attach_twice_and_wrong_delta_are_clear_errors(tiny_llama_dir: Path, tmp
     dt.attach(other, {"name": "lora", "r": 8})
     with pytest.raises(DeltatuneError, match="shape"):
         method.load_delta_state_dict(other, dict(method.delta_state_dict(loaded.model)))
+
+
+def test_peft_classifier_delta_with_three_labels_loads(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    base = _load(tiny_bert_dir, task="classification").model  # 3 labels
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"],
+                                                           init_lora_weights=False))
+    peft_model.eval()
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+    want = peft_model(input_ids=ids).logits
+    peft_model.save_pretrained(tmp_path)
+    delta = dt.load_delta(tmp_path, device="cpu")
+    assert delta.loaded.model.config.num_labels == 3
+    assert torch.allclose(delta.loaded.model(input_ids=ids).logits, want, atol=1e-5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,6 +128,34 @@ def _method_config_from_peft(adapter_config: dict[str, Any], where: Path) -> Met
             "targets": adapter_config.get("target_modules") or "all-linear",
             "layers": adapter_config.get("layers_to_transform"),
             "use_rslora": adapter_config.get("use_rslora", False),
+            "use_dora": adapter_config.get("use_dora", False),
+        })
+    if peft_type == "IA3":
+        return method_config_class("ia3").model_validate({
+            "name": "ia3",
+            "targets": adapter_config.get("target_modules") or [],
+            "feedforward_targets": adapter_config.get("feedforward_modules") or [],
+        })
+    # prompt methods: a peft delta holds the encoder's output, so the init and encoder options only shape
+    # the (replaced) starting values; init is `random` so loading never needs peft's tokenizer path
+    if peft_type == "PROMPT_TUNING":
+        return method_config_class("prompt_tuning").model_validate({
+            "name": "prompt_tuning", "num_virtual_tokens": adapter_config["num_virtual_tokens"], "init": "random"})
+    if peft_type == "P_TUNING":
+        return method_config_class("p_tuning").model_validate({
+            "name": "p_tuning",
+            "num_virtual_tokens": adapter_config["num_virtual_tokens"],
+            "encoder": str(adapter_config.get("encoder_reparameterization_type") or "MLP").lower(),
+            "encoder_hidden_size": adapter_config.get("encoder_hidden_size"),
+            "encoder_num_layers": adapter_config.get("encoder_num_layers") or 2,
+            "encoder_dropout": adapter_config.get("encoder_dropout") or 0.0,
+        })
+    if peft_type == "PREFIX_TUNING":
+        return method_config_class("prefix_tuning").model_validate({
+            "name": "prefix_tuning",
+            "num_virtual_tokens": adapter_config["num_virtual_tokens"],
+            "projection": bool(adapter_config.get("prefix_projection", False)),
+            "encoder_hidden_size": adapter_config.get("encoder_hidden_size"),
         })
     raise DeltatuneError(f"{where}: peft_type {peft_type!r} is not supported by this deltatune version")
 
@@ -155,14 +184,25 @@ def load_delta(folder: str | Path, *, device: str = "auto", dtype: str = "auto")
     Returns a LoadedDelta whose model computes exactly what the trained model computed.
     """
     info = read_delta_info(folder)
-    num_labels = len(info.id2label) if info.id2label else None
+    tensors = read_delta_tensors(folder)
+    num_labels = len(info.id2label) if info.id2label else _head_rows(info, tensors)
     loaded = load_model(ModelConfig(name=info.base_model, device=device, dtype=dtype), task=info.task,
                         num_labels=num_labels, id2label=info.id2label)
     method = build_method(info.method_config)
     method.attach(loaded.model)
-    method.load_delta_state_dict(loaded.model, read_delta_tensors(folder))
+    method.load_delta_state_dict(loaded.model, tensors)
     loaded.model.eval()
     return LoadedDelta(loaded, method, info)
+
+
+def _head_rows(info: DeltaInfo, tensors: dict[str, torch.Tensor]) -> int | None:
+    """The label count of a classifier delta written without deltatune metadata (e.g. by peft):
+    the rows of its saved head (``modules_to_save``)."""
+    for head in info.adapter_config.get("modules_to_save") or []:
+        for key, value in tensors.items():
+            if key.endswith(f".{head}.weight") and value.ndim == 2:
+                return int(value.shape[0])
+    return None
 
 
 def save_merged(delta: LoadedDelta, out_dir: str | Path, dtype: str = "float32") -> Path:
@@ -187,7 +227,5 @@ def save_merged(delta: LoadedDelta, out_dir: str | Path, dtype: str = "float32")
         tmp.rename(out)
     finally:
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
     return out

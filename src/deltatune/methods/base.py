@@ -176,12 +176,113 @@ def freeze(model: nn.Module) -> None:
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at qualified ``name`` with ``new``."""
+    """Replace the submodule at qualified ``name`` with ``new``, which takes the old one's train/eval mode."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    new.train(getattr(parent, child).training)
     setattr(parent, child, new)
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Return ``{name: parameter}`` for every parameter that requires a gradient."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers shared by every method: heads, delta names, checked loading, the config of non-peft methods
+
+PEFT_PREFIX = "base_model.model."
+"""peft names every saved tensor after the wrapped model's own names under this prefix."""
+
+FFN_LINEAR = r".*\.(mlp|feed_forward|ffn)\.[^.]+|.*\.(layer|layers|h|blocks)\.\d+\.(intermediate|output)\.dense"
+"""Regex of the feed-forward linear layers: Llama-style ``mlp.*`` and BERT-style ``intermediate.dense`` /
+``output.dense`` (not ``attention.output.dense``)."""
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """Return the names of a sequence classifier's freshly initialised head(s), which train beside every
+    method (peft's ``modules_to_save``); empty for a causal LM."""
+    config = getattr(model, "config", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if getattr(config, "num_labels", None) is None or (callable(get_out) and get_out() is not None):
+        return []
+    return sorted(n for n in output_layer_names(model) if n)
+
+
+def unfreeze_heads(model: nn.Module) -> None:
+    """Give every classification head ``requires_grad=True`` (no-op for a causal LM)."""
+    for head in head_names(model):
+        model.get_submodule(head).requires_grad_(True)
+
+
+def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Return ``{saved name: parameter}`` for the classification head(s), named as peft saves them."""
+    out: dict[str, nn.Parameter] = {}
+    for head in head_names(model):
+        for pname, p in model.get_submodule(head).named_parameters():
+            out[f"{PEFT_PREFIX}{head}.{pname}"] = p
+    return out
+
+
+def copy_checked(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], method: str) -> None:
+    """Copy ``tensors[name]`` into ``own[name]`` for every name; raise DeltatuneError when the names or
+    shapes of the two differ (a delta of another model, method or config)."""
+    missing = sorted(set(own) - set(tensors))
+    extra = sorted(set(tensors) - set(own))
+    if missing or extra:
+        raise DeltatuneError(
+            f"the {method} delta does not fit this model: "
+            + (f"missing {missing[:3]}{'...' if len(missing) > 3 else ''} " if missing else "")
+            + (f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}" if extra else "")
+            + "; was it trained on another base model or with other targets?"
+        )
+    with torch.no_grad():
+        for key, param in own.items():
+            value = tensors[key]
+            if value.shape != param.shape:
+                raise DeltatuneError(
+                    f"the delta's {key} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}; "
+                    "was it trained with another config or base model?"
+                )
+            param.copy_(value.to(param.dtype))
+
+
+def deltatune_adapter_config(method: Method, model: nn.Module, base_model: str, peft_type: str) -> dict[str, Any]:
+    """Return ``adapter_config.json`` for a method peft does not have: peft's common fields, the method's
+    own ``peft_type`` and a ``deltatune`` block with the whole method config."""
+    heads = head_names(model)
+    return {
+        "peft_type": peft_type,
+        "task_type": "SEQ_CLS" if heads else "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "revision": None,
+        "inference_mode": True,
+        "modules_to_save": [h.split(".")[-1] for h in heads] or None,
+        "deltatune": {"method": method.config.model_dump(mode="json")},
+    }
+
+
+def match_modules(model: nn.Module, spec: str | list[str], kinds: tuple[type[nn.Module], ...] = (nn.Module,)
+                  ) -> list[str]:
+    """Return the names of the modules of type ``kinds`` that ``spec`` selects, in model order: a regex
+    matched against the whole name, or a list of names matched as the last part(s) of the name. Raises
+    ConfigError when nothing matches."""
+    chosen = []
+    for name, module in model.named_modules():
+        if not name or not isinstance(module, kinds):
+            continue
+        if isinstance(spec, str):
+            ok = re.fullmatch(spec, name) is not None
+        else:
+            ok = any(name == t or name.endswith("." + t) for t in spec)
+        if ok:
+            chosen.append(name)
+    if not chosen:
+        raise ConfigError(f"method: {spec!r} matches no module of this model (names look like "
+                          f"{', '.join(n for n, _ in list(model.named_modules())[1:6])}, ...)")
+    return chosen
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """Return the names of the transformer blocks (``model.layers.0`` ...), in order."""
+    return [n for n, _ in model.named_modules() if re.fullmatch(r"(.*\.)?(layers|layer|h|blocks|block)\.\d+", n)]

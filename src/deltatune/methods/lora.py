@@ -7,7 +7,17 @@ what the base computes (the update is 0) until the first step. rsLoRA (Kalajdzie
 alpha / sqrt(r) instead, which keeps the update's size stable as r grows. Merging folds
 ``scaling * B @ A`` into W: the merged model has no extra modules and no extra latency.
 
-Saved in peft's LoRA format: ``base_model.model.<layer>.lora_A.weight`` / ``.lora_B.weight``.
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") splits the adapted weight into a
+trainable magnitude ``m`` (one value per output row, initialised to ``||W||`` row-wise) and a direction:
+
+    W' = m * (W + s B A) / ||W + s B A||_row
+
+with the norm treated as a constant in the backward pass (the paper's section 4.3, as peft does). At
+attach ``B = 0`` and ``m = ||W||``, so ``W' = W``. It is computed on the activations, as peft does:
+``y = W x + (m / n - 1) (W x) + (m / n) s B A x + bias`` with ``n = ||W + s B A||_row``.
+
+Saved in peft's LoRA format: ``base_model.model.<layer>.lora_A.weight`` / ``.lora_B.weight`` (and
+``.lora_magnitude_vector`` with DoRA).
 """
 
 from __future__ import annotations
@@ -19,21 +29,24 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
 from deltatune.config import MethodConfig
 from deltatune.errors import DeltatuneError
 from deltatune.methods.base import (
+    PEFT_PREFIX,
     Method,
+    copy_checked,
     find_targets,
     freeze,
-    output_layer_names,
+    head_names,
+    head_parameters,
     register_method,
     set_submodule,
+    unfreeze_heads,
 )
-
-PEFT_PREFIX = "base_model.model."
 
 
 class LoraConfig(MethodConfig):
@@ -52,6 +65,8 @@ class LoraConfig(MethodConfig):
     """Only these block indices (default: all blocks)."""
     use_rslora: bool = False
     """rsLoRA scaling alpha / sqrt(r) instead of alpha / r."""
+    use_dora: bool = False
+    """DoRA: also train a magnitude per output row, the update only turns the weight's direction."""
 
     @field_validator("targets")
     @classmethod
@@ -64,7 +79,8 @@ class LoraConfig(MethodConfig):
 class LoraLinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable low-rank update (see the module docstring)."""
 
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float, use_rslora: bool,
+                 use_dora: bool = False) -> None:
         super().__init__()
         self.base_layer = base_layer
         device = base_layer.weight.device
@@ -77,14 +93,31 @@ class LoraLinear(nn.Module):
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.merged = False
         self.disabled = False
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        if use_dora:  # m = ||W|| row-wise, so that W' = W at attach
+            self.lora_magnitude_vector = nn.Parameter(self._weight_norm(self.delta_weight()))
+
+    def _weight_norm(self, delta: torch.Tensor) -> torch.Tensor:
+        """Return ``||W + delta||`` over each output row, in float32."""
+        return torch.linalg.norm(self.base_layer.weight.float() + delta, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.merged or self.disabled:
             return y
         a = self.lora_A.weight
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))
-        return y + (update * self.scaling).to(y.dtype)
+        xd = self.lora_dropout(x.to(a.dtype))
+        update = self.lora_B(self.lora_A(xd)) * self.scaling
+        m = self.lora_magnitude_vector
+        if m is None:
+            return y + update.to(y.dtype)
+        scale = m / self._weight_norm(self.delta_weight().detach()).detach()  # (out,)
+        if isinstance(self.lora_dropout, nn.Identity):
+            bias = self.base_layer.bias
+            wx = (y if bias is None else y - bias).to(a.dtype)
+        else:
+            wx = F.linear(xd, self.base_layer.weight.to(a.dtype))
+        return y + ((scale - 1) * wx + scale * update).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """Return ``scaling * B @ A`` in float32, shaped like the base weight."""
@@ -92,18 +125,29 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def merge_(self) -> None:
-        """Add the update into the base weight (in place); the LoRA branch is then skipped."""
+        """Add the update into the base weight (in place); the LoRA branch is then skipped.
+
+        With DoRA the weight becomes ``m * (W + s B A) / ||W + s B A||_row``."""
         if not self.merged:
             w = self.base_layer.weight
-            w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+            new = w.float() + self.delta_weight()
+            if self.lora_magnitude_vector is not None:
+                self._merged_norm = torch.linalg.norm(new, dim=1)
+                new = new * (self.lora_magnitude_vector.float() / self._merged_norm).unsqueeze(1)
+            w.copy_(new.to(w.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge_(self) -> None:
-        """Subtract the update from the base weight again (inverse of merge_, to float rounding)."""
+        """Undo merge_ (to float rounding): subtract the update, or with DoRA divide the row scale out."""
         if self.merged:
             w = self.base_layer.weight
-            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+            new = w.float()
+            if self.lora_magnitude_vector is not None:  # rows were scaled by m / n, n kept at merge time
+                new = new * (self._merged_norm / self.lora_magnitude_vector.float()).unsqueeze(1) - self.delta_weight()
+            else:
+                new = new - self.delta_weight()
+            w.copy_(new.to(w.dtype))
             self.merged = False
 
 
@@ -112,13 +156,6 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
     for name, module in model.named_modules():
         if isinstance(module, LoraLinear):
             yield name, module
-
-
-def _head_names(model: nn.Module) -> list[str]:
-    """Classification heads are freshly initialised, so they train beside LoRA (peft's modules_to_save)."""
-    if getattr(model.config, "num_labels", None) is None or model.get_output_embeddings() is not None:
-        return []
-    return sorted(n for n in output_layer_names(model) if n)
 
 
 @register_method
@@ -141,54 +178,33 @@ class LoraMethod(Method):
         freeze(model)
         for name in targets:
             layer = model.get_submodule(name)
-            set_submodule(model, name, LoraLinear(layer, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora))
-        for head in _head_names(model):
-            model.get_submodule(head).requires_grad_(True)
+            set_submodule(model, name, LoraLinear(layer, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.use_dora))
+        unfreeze_heads(model)
         return model
 
-    def delta_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Return every LoRA tensor (and a classifier head's) under its peft name."""
+    def _own(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Return the trainable tensors under their peft names (LoRA, DoRA magnitudes, heads)."""
         out: dict[str, torch.Tensor] = {}
         for name, layer in lora_layers(model):
-            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach()
-            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach()
-        for head in _head_names(model):
-            for pname, p in model.get_submodule(head).named_parameters():
-                out[f"{PEFT_PREFIX}{head}.{pname}"] = p.detach()
+            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
+            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+            if layer.lora_magnitude_vector is not None:
+                out[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
+        out.update(head_parameters(model))
         return out
+
+    def delta_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Return every LoRA tensor (DoRA magnitudes, a classifier head's) under its peft name."""
+        return {k: v.detach() for k, v in self._own(model).items()}
 
     def load_delta_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         """Copy saved LoRA tensors into the attached model; raise if names or shapes disagree."""
-        own = {}
-        for name, layer in lora_layers(model):
-            own[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
-            own[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
-        for head in _head_names(model):
-            for pname, p in model.get_submodule(head).named_parameters():
-                own[f"{PEFT_PREFIX}{head}.{pname}"] = p
-        missing = sorted(set(own) - set(tensors))
-        extra = sorted(set(tensors) - set(own))
-        if missing or extra:
-            raise DeltatuneError(
-                "the delta does not fit this model: "
-                + (f"missing {missing[:3]}{'...' if len(missing) > 3 else ''} " if missing else "")
-                + (f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}" if extra else "")
-                + "; was it trained on another base model or with other targets?"
-            )
-        with torch.no_grad():
-            for key, param in own.items():
-                value = tensors[key]
-                if value.shape != param.shape:
-                    raise DeltatuneError(
-                        f"the delta's {key} has shape {tuple(value.shape)}, the model expects "
-                        f"{tuple(param.shape)}; was it trained with another rank or base model?"
-                    )
-                param.copy_(value.to(param.dtype))
+        copy_checked(self._own(model), tensors, "lora")
 
     def adapter_config(self, model: nn.Module, base_model: str) -> dict[str, Any]:
         """Return peft's LoraConfig fields, so peft and vLLM load the delta as it is."""
         cfg = self.config
-        heads = _head_names(model)
+        heads = head_names(model)
         return {
             "peft_type": "LORA",
             "task_type": "SEQ_CLS" if heads else "CAUSAL_LM",
@@ -202,7 +218,7 @@ class LoraMethod(Method):
             "layers_to_transform": cfg.layers,
             "layers_pattern": None,
             "use_rslora": cfg.use_rslora,
-            "use_dora": False,
+            "use_dora": cfg.use_dora,
             "bias": "none",
             "fan_in_fan_out": False,
             "init_lora_weights": True,

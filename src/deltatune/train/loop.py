@@ -126,6 +126,12 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Tra
         return result
 
     result = TrainResult(output_dir=out, steps=state.step, train_loss=None)
+    if resume:  # the start figures were measured before the interruption
+        for record in metrics.records():
+            if record.get("step") == 0:
+                result.eval_start.update({k: v for k, v in record.items() if k.startswith("eval_")})
+                if "exact_match" in record:
+                    result.generation_start = {"exact_match": record["exact_match"], "n": record["exact_match_n"]}
     if state.step == 0:
         result.eval_start = evaluate(0)
         if result.eval_start:

@@ -25,6 +25,10 @@ class MetricsLog:
             path.unlink()
         self._file = path.open("a")
 
+    def records(self) -> list[dict[str, Any]]:
+        """Return every record written so far (including those kept from before a resume)."""
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` (a flat dict of figures) as one line."""
         self._file.write(json.dumps(record) + "\n")

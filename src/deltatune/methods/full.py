@@ -1,0 +1,67 @@
+"""Full fine-tuning: every weight of the model trains. The baseline every other method is compared with.
+
+    theta' = theta - lr * update(grad L(theta))        for every parameter theta
+
+The delta is the whole fine-tuned state: every parameter under ``base_model.model.<name>`` in
+``adapter_model.safetensors`` (tied weights once), ``peft_type: "FULL"`` and a ``deltatune`` block in
+``adapter_config.json``. Loading copies the tensors over the base model's; merging is a no-op, since the
+trained weights already are the model's weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from deltatune.config import MethodConfig
+from deltatune.methods.base import (
+    PEFT_PREFIX,
+    Method,
+    copy_checked,
+    deltatune_adapter_config,
+    register_method,
+    trainable_parameters,
+)
+
+
+class FullConfig(MethodConfig):
+    name: Literal["full"] = "full"
+    """The fine-tuning method."""
+
+
+def own_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Return ``{saved name: parameter}`` for every trainable parameter of the model's own tensors."""
+    return {f"{PEFT_PREFIX}{n}": p for n, p in trainable_parameters(model).items()}
+
+
+@register_method
+class FullMethod(Method):
+    """Full fine-tuning (see the module docstring)."""
+
+    name = "full"
+    config_class = FullConfig
+    mergeable = True
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Give every parameter ``requires_grad=True``; returns the model unchanged otherwise."""
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def delta_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Return every parameter under ``base_model.model.<name>``."""
+        return {k: p.detach() for k, p in own_parameters(model).items()}
+
+    def load_delta_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy the saved weights over the model's; raise if names or shapes disagree."""
+        copy_checked(dict(own_parameters(model)), tensors, self.name)
+
+    def adapter_config(self, model: nn.Module, base_model: str) -> dict[str, Any]:
+        """Return the config with ``peft_type: "FULL"`` and the deltatune block."""
+        return deltatune_adapter_config(self, model, base_model, "FULL")
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Return the model: its weights already are the fine-tuned weights."""
+        return model
