@@ -137,8 +137,11 @@ class RunConfig(Section):
     def _dispatch_method(cls, value: Any) -> Any:
         if isinstance(value, MethodConfig):
             value = value.model_dump()
+        if isinstance(value, list):  # several methods stacked on one model
+            value = {"name": "compose", "methods": value}
         if not isinstance(value, dict):
-            raise ValueError("must be a mapping with at least `name`, e.g. {name: lora, r: 8}")
+            raise ValueError("must be a mapping with at least `name`, e.g. {name: lora, r: 8}, "
+                             "or a list of them to combine methods")
         return _method_config(value)
 
 
@@ -245,6 +248,6 @@ def describe_keys() -> list[tuple[str, str, str]]:
         for name, field in cls.model_fields.items():
             if prefix == "method" and name == "name" and rows and rows[-1][0].startswith("method."):
                 continue
-            default = field.get_default(call_default_factory=True)
-            rows.append((f"{prefix}.{name}", json.dumps(default), " ".join((field.description or "").split())))
+            default = "(required)" if field.is_required() else json.dumps(field.get_default(call_default_factory=True))
+            rows.append((f"{prefix}.{name}", default, " ".join((field.description or "").split())))
     return rows

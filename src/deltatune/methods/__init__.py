@@ -1,6 +1,7 @@
 """Fine-tuning methods: one module per family, each registered once by name."""
 
 from deltatune.methods import adapters as _adapters  # noqa: F401  (registers `adapter`)
+from deltatune.methods import compose as _compose  # noqa: F401  (registers `compose`)
 from deltatune.methods import full as _full  # noqa: F401  (registers `full`)
 from deltatune.methods import hiwi as _hiwi  # noqa: F401  (registers `hiwi`)
 from deltatune.methods import ia3 as _ia3  # noqa: F401  (registers `ia3`)

@@ -147,7 +147,7 @@ def find_targets(
     """
     skip = output_layer_names(model)
     chosen: list[str] = []
-    for name, module in model.named_modules():
+    for name, module in base_modules(model):
         if not isinstance(module, kinds) or name in skip:
             continue
         if targets == "all-linear":
@@ -175,11 +175,37 @@ def freeze(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
+ADDED = "_deltatune_added"
+"""Attribute set on every module a method adds, so that a second method (``compose``) never targets it."""
+
+
+def mark_added(module: nn.Module, keep: nn.Module | None = None) -> None:
+    """Mark ``module`` and its submodules as added by a method, except ``keep``'s subtree (the wrapped
+    base layer, which stays a target for other methods)."""
+    kept = {id(m) for m in keep.modules()} if keep is not None else set()
+    for m in module.modules():
+        if id(m) not in kept:
+            setattr(m, ADDED, True)
+
+
+def base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Return ``(name, module)`` for the model's own modules (wrapped ones included, under their new
+    names such as ``q_proj.base_layer``), leaving out every module a method added."""
+    return [(n, m) for n, m in model.named_modules() if not getattr(m, ADDED, False)]
+
+
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at qualified ``name`` with ``new``, which takes the old one's train/eval mode."""
+    """Replace the submodule at qualified ``name`` with ``new``, which takes the old one's train/eval mode.
+
+    Everything ``new`` brings beyond the old module is marked as added (see :func:`mark_added`); putting
+    a base module back (at merge) clears nothing, since base modules were never marked.
+    """
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    new.train(getattr(parent, child).training)
+    old = getattr(parent, child)
+    new.train(old.training)
+    if not any(new is m for m in old.modules()):  # not putting a wrapped base module back
+        mark_added(new, keep=old)
     setattr(parent, child, new)
 
 
@@ -268,7 +294,7 @@ def match_modules(model: nn.Module, spec: str | list[str], kinds: tuple[type[nn.
     matched against the whole name, or a list of names matched as the last part(s) of the name. Raises
     ConfigError when nothing matches."""
     chosen = []
-    for name, module in model.named_modules():
+    for name, module in base_modules(model):
         if not name or not isinstance(module, kinds):
             continue
         if isinstance(spec, str):

@@ -43,6 +43,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from deltatune.errors import DeltatuneError
+from deltatune.methods.base import mark_added
 
 ATTR = "virtual_tokens"
 Kind = Literal["tokens", "kv"]
@@ -106,6 +107,7 @@ def install(model: nn.Module, virtual: VirtualTokens) -> None:
     if hasattr(model, ATTR):
         raise DeltatuneError("this model already has virtual tokens (a prompt method); load a fresh base model")
     model.add_module(ATTR, virtual)
+    mark_added(virtual)
     model.register_forward_pre_hook(_before_forward, with_kwargs=True)
     model.register_forward_hook(_after_forward, with_kwargs=True)
 

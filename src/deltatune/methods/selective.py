@@ -32,6 +32,7 @@ from deltatune.methods.base import (
     FFN_LINEAR,
     PEFT_PREFIX,
     Method,
+    base_modules,
     block_names,
     copy_checked,
     deltatune_adapter_config,
@@ -137,7 +138,7 @@ class BitFitMethod(_OwnTensorsMethod):
     def _selected(self, model: nn.Module) -> list[str]:
         """Return the names of the modules whose biases train."""
         skip = output_layer_names(model)
-        names = [n for n, m in model.named_modules() if n and n not in skip]
+        names = [n for n, _ in base_modules(model) if n and n not in skip]
         if self.config.biases == "attention":
             return [n for n in names if re.fullmatch(ATTENTION, n)]
         if self.config.biases == "mlp":

@@ -1,0 +1,90 @@
+"""Convert deltatune Examples into the JSONL rows each hosted service trains on.
+
+    rows = to_openai(example)       # {"messages": [{"role", "content", "weight"?}, ...]}
+    rows = to_vertex(example)       # {"systemInstruction": {...}, "contents": [{"role", "parts"}, ...]}
+
+Every deltatune data format converts: the chat formats (alpaca, messages, sharegpt, prompt_completion)
+keep their turns; ``classification`` becomes one user turn (the text, and the pair on a second paragraph)
+and one assistant turn (the label as text). ``text`` has no turns to learn a reply from, so it is
+rejected with a DataError.
+
+OpenAI keeps the per-turn ``weight`` (0 or 1 on assistant turns). Vertex AI has no per-turn weight: a
+weight-0 assistant turn is kept as an ordinary ``model`` turn, so the conversation stays intact, and
+Vertex trains on it like every other model turn. :func:`weight0_turns` counts them so callers can warn.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deltatune.data import Example, Message
+from deltatune.errors import DataError
+
+PROVIDERS = ("openai", "vertex")
+VERTEX_ROLES = {"user": "user", "assistant": "model"}
+
+
+def chat_messages(example: Example) -> list[Message]:
+    """Return the example's turns; classification becomes user text -> assistant label.
+
+    Raises DataError for plain ``text`` examples, which have no assistant turn.
+    """
+    if example.messages is not None:
+        return example.messages
+    if example.label is not None and example.text is not None:
+        user = example.text if example.text_pair is None else f"{example.text}\n\n{example.text_pair}"
+        return [Message("user", user), Message("assistant", str(example.label))]
+    raise DataError(f"{example.origin}: plain-text examples have no assistant turn to learn from; hosted "
+                    "fine-tuning needs chat data (messages, alpaca, sharegpt, prompt_completion or "
+                    "classification)")
+
+
+def to_openai(example: Example) -> dict[str, Any]:
+    """Return one OpenAI chat fine-tuning row: ``{"messages": [...]}`` with ``weight`` where set."""
+    messages = []
+    for m in chat_messages(example):
+        item: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.weight is not None:
+            item["weight"] = int(m.weight)
+        messages.append(item)
+    return {"messages": messages}
+
+
+def to_vertex(example: Example) -> dict[str, Any]:
+    """Return one Vertex AI (Gemini) tuning row: ``contents`` plus ``systemInstruction`` when there is one.
+
+    Leading system messages join into ``systemInstruction``; user -> ``user``, assistant -> ``model``.
+    Weight-0 assistant turns become ordinary ``model`` turns (Vertex has no per-turn weight). Raises
+    DataError for a system message after the conversation has started (Vertex has no system turns).
+    """
+    messages = chat_messages(example)
+    system: list[str] = []
+    contents: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        if m.role == "system":
+            if contents:
+                raise DataError(f"{example.origin}: messages[{i}]: a system message inside the conversation; "
+                                "Vertex AI takes one system instruction before the first turn, so move it "
+                                "to the start")
+            system.append(m.content)
+            continue
+        contents.append({"role": VERTEX_ROLES[m.role], "parts": [{"text": m.content}]})
+    row: dict[str, Any] = {}
+    if system:
+        row["systemInstruction"] = {"role": "system", "parts": [{"text": s} for s in system]}
+    row["contents"] = contents
+    return row
+
+
+def convert(example: Example, provider: str) -> dict[str, Any]:
+    """Return the example as one row of ``provider``'s training file (``openai`` or ``vertex``)."""
+    if provider == "openai":
+        return to_openai(example)
+    if provider == "vertex":
+        return to_vertex(example)
+    raise DataError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
+
+
+def weight0_turns(example: Example) -> int:
+    """Return how many assistant turns of the example have weight 0 (excluded from OpenAI's loss)."""
+    return sum(1 for m in example.messages or [] if m.role == "assistant" and m.weight == 0)
