@@ -7,6 +7,7 @@ one or two lines and exit with code 2.
     deltatune generate runs/demo "Write this date in ISO 8601 format: 5 May 2021"
     deltatune chat runs/demo
     deltatune merge runs/demo merged/
+    deltatune hosted submit train.jsonl --provider openai --model gpt-4o-mini-2024-07-18
 """
 
 from __future__ import annotations
@@ -124,6 +125,185 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- hosted fine-tuning (OpenAI, Vertex AI) -----------------------------------------------------------
+
+def _hosted_options(args: argparse.Namespace) -> dict[str, object]:
+    """The provider options given on the command line (None where not given: the SDK decides)."""
+    return {"base_url": args.base_url, "project": args.project, "location": args.location,
+            "staging": getattr(args, "staging", None)}
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    for text in warnings:
+        print(f"warning: {text}", file=sys.stderr)
+
+
+def cmd_hosted_prepare(args: argparse.Namespace) -> int:
+    """Convert a data file to the provider's format and check it; write it when there are no errors."""
+    from pathlib import Path
+
+    from deltatune import hosted
+
+    out = args.output or f"{Path(args.data).stem}.{args.provider}.jsonl"
+    report = hosted.prepare(args.data, args.provider, None, model=args.model, fmt=args.format)
+    _print_warnings(report.warnings)
+    report.raise_for_errors(args.data)
+    hosted.write_jsonl(report.rows, out)
+    print(f"{len(report.rows)} examples written to {out} ({args.provider} format)")
+    return 0
+
+
+def cmd_hosted_estimate(args: argparse.Namespace) -> int:
+    """Print token counts, the epochs the provider would pick, billed tokens and (given a price) the cost."""
+    from deltatune import hosted
+
+    est = hosted.estimate(args.data, args.provider, args.model, epochs=args.epochs,
+                          price_per_million=args.price_per_1m, fmt=args.format)
+    print("\n".join(est.lines()))
+    return 0
+
+
+def cmd_hosted_submit(args: argparse.Namespace) -> int:
+    """Check, upload and start a hosted fine-tuning job; print its id."""
+    from deltatune import hosted
+
+    if args.provider == "openai":
+        print(hosted.OPENAI_SUNSET_NOTICE, file=sys.stderr)
+    job = hosted.submit(args.data, args.provider, args.model, validation=args.validation, epochs=args.epochs,
+                        lr_multiplier=args.lr_multiplier, batch_size=args.batch_size, suffix=args.suffix,
+                        fmt=args.format, **_hosted_options(args))
+    _print_warnings(job.warnings)
+    print(job.id)
+    print(f"follow it with: deltatune hosted wait {job.id}", file=sys.stderr)
+    return 0
+
+
+def cmd_hosted_status(args: argparse.Namespace) -> int:
+    """Print a job's unified status, base model, progress, result or error."""
+    from deltatune import hosted
+
+    print(hosted.job(args.job, args.provider, **_hosted_options(args)).status().summary())
+    return 0
+
+
+def cmd_hosted_events(args: argparse.Namespace) -> int:
+    """Print a job's most recent events, oldest first."""
+    import time
+
+    from deltatune import hosted
+
+    for event in hosted.job(args.job, args.provider, **_hosted_options(args)).events(limit=args.limit):
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.created_at))
+        print(f"{stamp}  {event.level:<5}  {event.message}")
+    return 0
+
+
+def cmd_hosted_list(args: argparse.Namespace) -> int:
+    """Print the provider's recent jobs, one line each."""
+    from deltatune import hosted
+
+    for info in hosted.list_jobs(args.provider or "openai", args.limit, **_hosted_options(args)):
+        print(info.summary())
+    return 0
+
+
+def cmd_hosted_cancel(args: argparse.Namespace) -> int:
+    """Cancel a job and print its status after the request."""
+    from deltatune import hosted
+
+    print(hosted.job(args.job, args.provider, **_hosted_options(args)).cancel().summary())
+    return 0
+
+
+def cmd_hosted_wait(args: argparse.Namespace) -> int:
+    """Follow a job with a live status line until it ends: exit 0 on success, 1 on failure or cancel."""
+    import time
+
+    from deltatune import hosted
+
+    live = sys.stdout.isatty()
+    start, last = time.monotonic(), ""
+
+    def show(info: hosted.JobInfo) -> None:
+        nonlocal last
+        elapsed = int(time.monotonic() - start)
+        line = f"{info.summary()}  [{elapsed // 60:02d}:{elapsed % 60:02d}]"
+        if live:
+            print(f"\r\033[K{line}", end="", flush=True)
+        elif info.summary() != last:
+            print(line, flush=True)
+        last = info.summary()
+
+    info = hosted.job(args.job, args.provider, **_hosted_options(args)).wait(
+        poll_interval=args.poll, timeout=args.timeout, on_update=show)
+    if live:
+        print()
+    if info.status == "succeeded":
+        print(f"succeeded: {info.fine_tuned_model or info.id}")
+        return 0
+    print(f"deltatune: job {info.id} {info.status}" + (f": {info.error}" if info.error else ""), file=sys.stderr)
+    return 1
+
+
+def _add_hosted_parser(sub: argparse._SubParsersAction) -> None:
+    """The `hosted` command group: prepare, estimate, submit, status, events, list, cancel, wait."""
+    notice = ("OpenAI has announced that self-serve fine-tuning job creation ends for all organisations on "
+              "2027-01-06. Credentials: OPENAI_API_KEY for OpenAI; Google Application Default Credentials "
+              "and GOOGLE_CLOUD_PROJECT / GOOGLE_CLOUD_LOCATION for Vertex AI. Never printed.")
+    group = sub.add_parser("hosted", help="fine-tune with OpenAI or Vertex AI: the same data, hosted",
+                           description="Hosted fine-tuning with OpenAI or Vertex AI. " + notice)
+    hsub = group.add_subparsers(dest="hosted_command", required=True, metavar="SUBCOMMAND")
+
+    def command(name: str, handler: Handler, text: str, *, data: bool = False, job: bool = False,
+                provider_required: bool = False) -> argparse.ArgumentParser:
+        p = hsub.add_parser(name, help=text, description=f"{text}. {notice}")
+        if data:
+            p.add_argument("data", help="a data file in any format deltatune reads (.jsonl, .json, .csv, ...)")
+        if job:
+            p.add_argument("job", help="the job id (OpenAI ftjob-...; Vertex projects/.../tuningJobs/...)")
+        p.add_argument("--provider", choices=["openai", "vertex"], required=provider_required,
+                       default=None, help="the hosted service" + ("" if provider_required else
+                                                                 " (default: told from the job id, else openai)"))
+        p.add_argument("--base-url", help="API endpoint (default: the SDK's, or OPENAI_BASE_URL)")
+        p.add_argument("--project", help="Vertex: Google Cloud project (default: GOOGLE_CLOUD_PROJECT)")
+        p.add_argument("--location", help="Vertex: region (default: GOOGLE_CLOUD_LOCATION or us-central1)")
+        p.set_defaults(handler=handler)
+        return p
+
+    for name, handler, text in (("prepare", cmd_hosted_prepare, "convert and check data for the provider"),
+                                ("estimate", cmd_hosted_estimate, "estimate tokens, epochs, billed tokens, price"),
+                                ("submit", cmd_hosted_submit, "check, upload and start a fine-tuning job")):
+        p = command(name, handler, text, data=True, provider_required=True)
+        p.add_argument("--format", default="auto", help="data format (default: detected)")
+        p.add_argument("--model", required=name != "prepare", help="the base model, e.g. gpt-4o-mini-2024-07-18 "
+                                                                   "or gemini-2.5-flash")
+        if name == "prepare":
+            p.add_argument("-o", "--output", help="output JSONL (default: DATA.PROVIDER.jsonl here)")
+        if name != "prepare":
+            p.add_argument("--epochs", type=int, help="epochs (default: the provider picks)")
+        if name == "estimate":
+            p.add_argument("--price-per-1m", type=float, help="the provider's price per 1M training tokens")
+        if name == "submit":
+            p.add_argument("--validation", help="a validation data file (any format)")
+            p.add_argument("--lr-multiplier", type=float, help="learning-rate multiplier")
+            p.add_argument("--batch-size", type=int, help="batch size")
+            p.add_argument("--suffix", help="name suffix of the tuned model (Vertex: its display name)")
+            p.add_argument("--staging", help="Vertex: gs://BUCKET/PREFIX the training file is uploaded to")
+    for name, handler, text in (("status", cmd_hosted_status, "show a job's status"),
+                                ("events", cmd_hosted_events, "show a job's events"),
+                                ("cancel", cmd_hosted_cancel, "cancel a job"),
+                                ("wait", cmd_hosted_wait, "follow a job live until it ends (exit 0 on "
+                                                          "success, 1 on failure)")):
+        p = command(name, handler, text, job=True)
+        if name == "events":
+            p.add_argument("--limit", type=int, default=50, help="most recent events to show")
+        if name == "wait":
+            p.add_argument("--poll", type=float, default=10.0, help="seconds between polls")
+            p.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    p = command("list", cmd_hosted_list, "list recent jobs")
+    p.add_argument("--limit", type=int, default=20)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser with every command."""
     parser = argparse.ArgumentParser(prog="deltatune", description="Fine-tune pre-trained language models.")
@@ -163,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="new folder for the merged model")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.set_defaults(handler=cmd_merge)
+
+    _add_hosted_parser(sub)
     return parser
 
 

@@ -121,9 +121,10 @@ def latest_metrics(info: JobInfo, events: list[JobEvent]) -> JobInfo:
 class Job:
     """A handle on one hosted fine-tuning job."""
 
-    def __init__(self, backend: Backend, job_id: str) -> None:
+    def __init__(self, backend: Backend, job_id: str, warnings: list[str] | None = None) -> None:
         self.backend = backend
         self.id = job_id
+        self.warnings = list(warnings or [])  # the data checks' warnings, when this handle came from submit
 
     def __repr__(self) -> str:
         return f"Job({self.backend.name!r}, {self.id!r})"

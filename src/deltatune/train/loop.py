@@ -54,6 +54,9 @@ class TrainResult:
     generation_start: dict[str, Any] = field(default_factory=dict)
     generation_end: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    train_seconds: float = 0.0  # the step loop alone (no loading, no eval)
+    trainable_params: int = 0
+    total_params: int = 0
 
 
 def _say(text: str) -> None:
@@ -138,6 +141,9 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Tra
             _say("eval at start: " + _fmt(result.eval_start))
         result.generation_start = generations(0, "before training")
 
+    result.trainable_params = sum(p.numel() for p in params.values())
+    result.total_params = sum(p.numel() for p in model.parameters())
+    loop_started = time.perf_counter()
     bar = Progress(total_steps, state.step, enabled=progress)
     model.train()
     last_loss: float | None = None
@@ -172,6 +178,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Tra
         raise Interrupted(f"interrupted at step {state.step}; checkpoint written to {ckpt}; "
                           "continue with the same command and --resume") from None
     bar.close()
+    result.train_seconds = time.perf_counter() - loop_started
     model.eval()
     save_checkpoint(out, state, params, optimizer, scheduler)
     method.finalize(model)
