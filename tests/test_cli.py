@@ -7,7 +7,7 @@ import yaml
 
 from deltatune.cli import build_parser, main
 
-COMMANDS = ["train", "config", "generate", "chat", "merge"]
+COMMANDS = ["train", "config", "generate", "chat", "eval", "merge", "hosted"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

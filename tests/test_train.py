@@ -129,6 +129,9 @@ def test_generate_merge_and_transformers_loads_the_merged_folder(tiny_llama_dir:
     capsys.readouterr()
     assert main(["generate", str(out), "What colour is sky number 3?", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
+    assert main(["eval", str(out), "--data", str(data), "--generations", "4"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["examples"] == 16 and figures["eval_loss"] > 0 and figures["n"] == 4
     assert main(["merge", str(out), str(merged)]) == 0
     assert "max |logit difference|" in capsys.readouterr().out
     assert (merged / "model.safetensors").is_file() and (merged / "tokenizer.json").is_file()

@@ -107,6 +107,36 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate base model + delta on a data file: loss (and perplexity or accuracy), exact match."""
+    import json
+    from pathlib import Path
+
+    from deltatune.config import load_config
+    from deltatune.data import load_examples, tokenize_examples
+    from deltatune.delta import load_delta
+    from deltatune.evaluate import eval_loss, exact_match
+
+    run_file = Path(args.delta) / "run.yaml"
+    data_cfg = load_config(run_file if run_file.is_file() else None).data  # the run's own data settings
+    delta = load_delta(args.delta, device=args.device)
+    model, tokenizer, task = delta.loaded.model, delta.loaded.tokenizer, delta.info.task
+    examples = load_examples(args.data, args.format or data_cfg.format, system_prompt=data_cfg.system_prompt)
+    label2id = {v: k for k, v in model.config.id2label.items()} if task == "classification" else None
+    tokenized, report = tokenize_examples(examples, tokenizer, task=task, max_length=data_cfg.max_length,
+                                          truncation=data_cfg.truncation, train_on_prompt=data_cfg.train_on_prompt,
+                                          label2id=label2id)
+    mode = "pack" if task == "causal_lm" else "bucket"
+    figures: dict[str, object] = eval_loss(model, tokenized, task=task, batch_size=args.batch_size, mode=mode,
+                                           pad_id=tokenizer.pad_token_id or 0, device=delta.loaded.device)
+    if args.generations and task == "causal_lm":
+        figures.update({k: v for k, v in exact_match(model, tokenizer, examples, limit=args.generations).items()
+                        if k != "samples"})
+    figures["examples"] = report.n_kept
+    print(json.dumps(figures))
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     """Fold a delta into its base weights and write a plain transformers model folder."""
     import torch
@@ -337,6 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
         p.add_argument("--device", default="auto")
         p.set_defaults(handler=handler)
+
+    p = sub.add_parser("eval", help="evaluate base model + delta on a data file (loss, accuracy, exact match)")
+    p.add_argument("delta", help="the delta folder")
+    p.add_argument("--data", required=True, help="a data file in any supported format")
+    p.add_argument("--format", help="data format (default: the run's data.format)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--generations", type=int, default=0, help="exact match of greedy replies on N examples")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("merge", help="fold a delta into the weights: a plain transformers model folder")
     p.add_argument("delta", help="the delta folder")

@@ -240,14 +240,18 @@ def describe_keys() -> list[tuple[str, str, str]]:
     from deltatune.methods import registered_methods
 
     rows: list[tuple[str, str, str]] = []
-    sections: list[tuple[str, type[BaseModel]]] = [
-        ("model", ModelConfig), ("data", DataConfig)]
-    sections += [("method", cls) for cls in registered_methods().values()]
-    sections += [("train", TrainConfig), ("output", OutputConfig)]
-    for prefix, cls in sections:
+    sections: list[tuple[str, str, type[BaseModel]]] = [("model", "", ModelConfig), ("data", "", DataConfig)]
+    methods = registered_methods()
+    rows_method = [("method", "", MethodConfig)]
+    rows_method += [("method", f"[{name}] ", cls) for name, cls in methods.items()]
+    sections += [*rows_method, ("train", "", TrainConfig), ("output", "", OutputConfig)]
+    for prefix, tag, cls in sections:
         for name, field in cls.model_fields.items():
-            if prefix == "method" and name == "name" and rows and rows[-1][0].startswith("method."):
-                continue
+            if tag and name == "name":
+                continue  # `method.name` is listed once, with every choice
             default = "(required)" if field.is_required() else json.dumps(field.get_default(call_default_factory=True))
-            rows.append((f"{prefix}.{name}", default, " ".join((field.description or "").split())))
+            help_text = " ".join((field.description or "").split())
+            if not tag and prefix == "method":
+                help_text += f" One of: {', '.join(sorted(methods))}."
+            rows.append((f"{prefix}.{name}", default, tag + help_text))
     return rows
