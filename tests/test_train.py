@@ -117,7 +117,8 @@ def test_output_dir_is_not_overwritten_by_accident(tiny_llama_dir: Path, tmp_pat
 
 
 def test_generate_merge_and_transformers_loads_the_merged_folder(tiny_llama_dir: Path, tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+                                                                 capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoModelForCausalLM
 
     from deltatune.delta import load_delta
@@ -129,6 +130,10 @@ def test_generate_merge_and_transformers_loads_the_merged_folder(tiny_llama_dir:
     capsys.readouterr()
     assert main(["generate", str(out), "What colour is sky number 3?", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
+    said = iter(["What colour is snow number 1?", "And coal?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(said))
+    assert main(["chat", str(out), "--max-new-tokens", "4", "--merged"]) == 0
+    assert capsys.readouterr().out.count("model> ") == 2
     assert main(["eval", str(out), "--data", str(data), "--generations", "4"]) == 0
     figures = json.loads(capsys.readouterr().out)
     assert figures["examples"] == 16 and figures["eval_loss"] > 0 and figures["n"] == 4
