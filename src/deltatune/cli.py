@@ -48,6 +48,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config, overrides = _config_and_overrides(args)
     cfg = load_config(config, overrides)
+    if args.nproc is not None and args.nproc > 1:
+        return _launch_torchrun(args.nproc, config, overrides, args)
     if cfg.data.train is None:
         # the demo: its settings first, so the user's own overrides still win
         cfg = load_config(config, [*demo_overrides(), *overrides])
@@ -55,6 +57,21 @@ def cmd_train(args: argparse.Namespace) -> int:
               "dates in ISO 8601)", flush=True)
     train(cfg, resume=args.resume, progress=not args.no_progress)
     return 0
+
+
+def _launch_torchrun(nproc: int, config: str | None, overrides: list[str], args: argparse.Namespace) -> int:
+    """`deltatune train ... --nproc N`: run the same command under torchrun on this host; return its exit code."""
+    import os
+    import subprocess
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DeltatuneError("--nproc: already running under torchrun; drop --nproc (torchrun sets the ranks)")
+    argv = [*([config] if config else []), *overrides, *(["--resume"] if args.resume else []),
+            *(["--no-progress"] if args.no_progress else [])]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "deltatune", "train", *argv]
+    print("launching: torchrun " + " ".join(cmd[3:]), flush=True)
+    return subprocess.call(cmd)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -138,20 +155,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    """Fold a delta into its base weights and write a plain transformers model folder."""
+    """Fold a delta into its base weights (de-quantizing a quantized base first) and write a plain
+    transformers model folder; print how far the merged model's logits are from base + delta."""
     import torch
 
     from deltatune.delta import load_delta, save_merged
+    from deltatune.quantize import QuantSpec
 
     delta = load_delta(args.delta, device="cpu")
+    quant = delta.info.quantization
     probe = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
     with torch.no_grad():
         before = delta.loaded.model(input_ids=probe).logits
     out = save_merged(delta, args.out, dtype=args.dtype)
     with torch.no_grad():
         after = delta.loaded.model.float()(input_ids=probe).logits
-    print(f"merged model written to {out} (max |logit difference| to base + delta: "
-          f"{float((after - before).abs().max()):.2e})")
+    unmerged = f"the {QuantSpec(**quant).describe()} base + delta" if quant else "base + delta"
+    print(f"merged model written to {out} ({args.dtype}{', de-quantized' if quant else ''}); max |logit "
+          f"difference| to {unmerged}: {float((after - before).abs().max()):.2e}")
     return 0
 
 
@@ -347,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.r=16 train.epochs=2")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output.dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train on N processes of this host (N GPUs, or N CPU processes): launches "
+                        "`torchrun --standalone --nproc-per-node N -m deltatune train ...`; for several hosts "
+                        "run torchrun yourself (README: Several GPUs and hosts)")
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("config", help="print the full default config (or a resolved one) as YAML")

@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from deltatune.errors import ConfigError
 
@@ -38,6 +46,21 @@ class ModelConfig(Section):
     """Classification: number of labels (inferred from the training data when unset)."""
     trust_remote_code: bool = False
     """Allow model code from the hub (only for hub ids you trust)."""
+    quantize: Literal["none", "int8", "nf4", "fp4"] = "none"
+    """Store the frozen linear weights in 8 or 4 bits (bitsandbytes): `int8` (LLM.int8), `nf4` (QLoRA's
+    4-bit NormalFloat), `fp4`; embeddings, norms and the head stay unquantized."""
+    double_quant: bool | None = None
+    """4-bit only: quantize the quantization constants too (about 0.37 bits per weight saved); null means
+    true for nf4/fp4."""
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The dtype 4-bit layers de-quantize to and compute in: `auto` is bfloat16 on CUDA, float32 elsewhere."""
+
+    @model_validator(mode="after")
+    def _double_quant_is_4bit(self) -> ModelConfig:
+        if self.double_quant and self.quantize not in ("nf4", "fp4"):
+            raise ValueError(f"double_quant=true applies to 4-bit quantization (nf4, fp4), not to quantize="
+                             f"{self.quantize}; remove it or set model.quantize=nf4")
+        return self
 
 
 class DataConfig(Section):
@@ -77,6 +100,10 @@ class DataConfig(Section):
 class MethodConfig(Section):
     """The base of every method's config; `name` selects the method in the registry."""
 
+    presets: ClassVar[dict[str, Any]] = {}
+    """Options of other sections this method sets (``{"model.quantize": "nf4"}``): see
+    :func:`resolve_presets`."""
+
     name: str = "lora"
     """The fine-tuning method."""
 
@@ -94,8 +121,11 @@ class TrainConfig(Section):
     """Peak learning rate."""
     weight_decay: float = Field(default=0.0, ge=0)
     """AdamW weight decay."""
-    optimizer: Literal["adamw"] = "adamw"
-    """The optimizer."""
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
+    """`adamw` (torch), `adamw_8bit` (bitsandbytes, 8-bit moments), `paged_adamw`, `paged_adamw_8bit`
+    (moments in CUDA unified memory that pages out under memory pressure; on CPU the same unpaged)."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: much less memory, about 30% more time."""
     schedule: Literal["linear", "cosine", "constant"] = "cosine"
     """Learning-rate schedule after warmup."""
     warmup: float = Field(default=0.03, ge=0)
@@ -114,6 +144,11 @@ class TrainConfig(Section):
     """Write metrics every N steps."""
     threads: int | None = Field(default=None, ge=1)
     """CPU threads for torch (default: all cores)."""
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Under torchrun with several processes: `ddp` replicates the model on every rank, `fsdp` shards it
+    (FSDP2; methods full and lora); `auto` is ddp. Ignored in a single process."""
+    dist_timeout: float = Field(default=1800.0, gt=0)
+    """Seconds a rank waits for the others (a collective, a barrier) before the job stops with an error."""
 
 
 class OutputConfig(Section):
@@ -132,6 +167,11 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     output: OutputConfig = OutputConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _presets(cls, data: Any) -> Any:
+        return resolve_presets(data) if isinstance(data, dict) else data
+
     @field_validator("method", mode="before")
     @classmethod
     def _dispatch_method(cls, value: Any) -> Any:
@@ -143,6 +183,46 @@ class RunConfig(Section):
             raise ValueError("must be a mapping with at least `name`, e.g. {name: lora, r: 8}, "
                              "or a list of them to combine methods")
         return _method_config(value)
+
+
+def resolve_presets(tree: dict[str, Any]) -> dict[str, Any]:
+    """Apply the chosen method's presets to a raw run config; return the new tree (the input is not changed).
+
+    A method may set options of other sections (``method.name: qlora`` sets ``model.quantize: nf4``,
+    ``model.double_quant: true`` and ``train.optimizer: paged_adamw_8bit``). Each preset fills its key when
+    the key is absent or at its default; a key the user set to another value is a conflict and raises
+    ValueError naming both, so a preset never silently overrides an explicit choice.
+    """
+    method = tree.get("method")
+    if isinstance(method, BaseModel):
+        name = str(getattr(method, "name", "lora"))
+    elif isinstance(method, dict):
+        name = str(method.get("name", "lora"))
+    else:
+        return tree
+    try:
+        from deltatune.methods import method_config_class
+
+        presets = method_config_class(name).presets
+    except ValueError:
+        return tree  # the method section reports the unknown name
+    if not presets:
+        return tree
+    out = dict(tree)
+    sections = {"model": ModelConfig, "train": TrainConfig}
+    for key, value in presets.items():
+        section, field = key.split(".", 1)
+        raw = out.get(section) or {}
+        current = raw.model_dump() if isinstance(raw, BaseModel) else dict(raw)
+        default = sections[section].model_fields[field].default
+        if field in current and current[field] not in (default, value):
+            raise ValueError(
+                f"method.name={name} sets {key}={json.dumps(value)}, but the config sets {key}="
+                f"{json.dumps(current[field])}; remove {key}, or use method.name=lora with the options you want"
+            )
+        current[field] = value
+        out[section] = current
+    return out
 
 
 def _method_config(value: dict[str, Any]) -> MethodConfig:
@@ -160,8 +240,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (see `deltatune config` for every key)"
-        lines.append(f"{source}: {key}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden"
-                                                  and not isinstance(e["input"], dict) else ""))
+        where = f"{source}: {key}: " if key else f"{source}: "  # a whole-config check has no key
+        lines.append(where + msg + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden"
+                                    and not isinstance(e["input"], dict) else ""))
     return "\n".join(lines)
 
 

@@ -27,6 +27,7 @@ from deltatune.config import MethodConfig, ModelConfig
 from deltatune.errors import DeltatuneError
 from deltatune.methods import Method, build_method, method_config_class
 from deltatune.models import LoadedModel, load_model
+from deltatune.quantize import dequantize_model, quantization_of
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -68,6 +69,9 @@ def save_delta(
     out = Path(out_dir)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in method.delta_state_dict(model).items()}
     extra: dict[str, Any] = {"method": method.config.model_dump(mode="json"), "task": task}
+    quantization = quantization_of(model)
+    if quantization:  # the base is reloaded the same way (load_delta): the delta was trained against it
+        extra["quantization"] = quantization
     id2label = getattr(model.config, "id2label", None)
     if task == "classification" and id2label:
         extra["id2label"] = {str(k): v for k, v in id2label.items()}
@@ -90,6 +94,7 @@ class DeltaInfo:
     task: str
     base_model: str
     id2label: dict[int, str] | None
+    quantization: dict[str, Any] | None = None  # {"quantize", "double_quant", "compute_dtype"} or None
 
 
 def read_delta_info(folder: str | Path) -> DeltaInfo:
@@ -114,7 +119,10 @@ def read_delta_info(folder: str | Path) -> DeltaInfo:
     if not base:
         raise DeltatuneError(f"{cfg_path}: base_model_name_or_path is empty; set it to the base model's folder")
     id2label = {int(k): v for k, v in meta["id2label"].items()} if meta.get("id2label") else None
-    return DeltaInfo(path, adapter_config, method_cfg, task, base, id2label)
+    quantization = meta.get("quantization") or None
+    if quantization is not None and quantization.get("quantize") not in ("int8", "nf4", "fp4"):
+        raise DeltatuneError(f"{weights}: unknown quantization {quantization!r} in the deltatune metadata")
+    return DeltaInfo(path, adapter_config, method_cfg, task, base, id2label, quantization)
 
 
 def _method_config_from_peft(adapter_config: dict[str, Any], where: Path) -> MethodConfig:
@@ -179,15 +187,19 @@ class LoadedDelta:
 
 
 def load_delta(folder: str | Path, *, device: str = "auto", dtype: str = "auto") -> LoadedDelta:
-    """Load the delta's base model, attach the method, and load the trained tensors into it.
+    """Load the delta's base model (quantized as it was in training), attach the method, and load the
+    trained tensors into it.
 
     Returns a LoadedDelta whose model computes exactly what the trained model computed.
     """
     info = read_delta_info(folder)
     tensors = read_delta_tensors(folder)
     num_labels = len(info.id2label) if info.id2label else _head_rows(info, tensors)
-    loaded = load_model(ModelConfig(name=info.base_model, device=device, dtype=dtype), task=info.task,
-                        num_labels=num_labels, id2label=info.id2label)
+    quant = info.quantization or {}
+    model_cfg = ModelConfig(name=info.base_model, device=device, dtype=dtype,
+                            quantize=quant.get("quantize", "none"), double_quant=quant.get("double_quant"),
+                            compute_dtype=quant.get("compute_dtype", "auto"))
+    loaded = load_model(model_cfg, task=info.task, num_labels=num_labels, id2label=info.id2label)
     method = build_method(info.method_config)
     method.attach(loaded.model)
     method.load_delta_state_dict(loaded.model, tensors)
@@ -208,14 +220,20 @@ def _head_rows(info: DeltaInfo, tensors: dict[str, torch.Tensor]) -> int | None:
 def save_merged(delta: LoadedDelta, out_dir: str | Path, dtype: str = "float32") -> Path:
     """Fold the delta into the base weights and write a plain model folder transformers loads alone.
 
-    Writes safetensors weights, config.json and the tokenizer into ``out_dir`` (via a temporary sibling
-    folder renamed into place); returns the folder.
+    A quantized base is first de-quantized (every 4/8-bit layer becomes an ``nn.Linear`` in ``dtype``
+    holding exactly the values the quantized layer computed with), so the delta folds into a normal
+    model. Writes safetensors weights, config.json and the tokenizer into ``out_dir`` (via a temporary
+    sibling folder renamed into place); returns the folder.
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise DeltatuneError(f"{out}: folder exists and is not empty; choose a new folder for the merged model")
-    model = delta.method.merge(delta.loaded.model)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if not delta.method.mergeable:
+        delta.method.merge(delta.loaded.model)  # raises the method's own explanation
+    # fold in float32 (then cast once): a half-precision copy would round the delta before it is added
+    dequantize_model(delta.loaded.model, torch.float32)
+    model = delta.method.merge(delta.loaded.model)
     model.to(torch_dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -24,6 +24,8 @@ from torch import nn
 
 from deltatune.config import ModelConfig
 from deltatune.errors import DeltatuneError
+from deltatune.quantize import prepare_for_training as prepare_for_training  # re-exported for the loop
+from deltatune.quantize import quantize_model, spec_from_config
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED = {
@@ -188,7 +190,8 @@ def load_model(
     """Load the base model and tokenizer that ``cfg`` names, on its device and dtype, in eval mode.
 
     ``task`` overrides ``cfg.task`` when the data decides it (classification data needs a classifier);
-    ``num_labels``/``id2label`` size a classification head. Returns a LoadedModel.
+    ``num_labels``/``id2label`` size a classification head. With ``cfg.quantize`` the linear layers are
+    stored in 8 or 4 bits (see :mod:`deltatune.quantize`). Returns a LoadedModel.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -213,6 +216,9 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    spec = spec_from_config(cfg.quantize, cfg.double_quant, cfg.compute_dtype, device)
+    if spec is not None:  # layer by layer onto the device, so the float copy never sits there whole
+        quantize_model(model, spec, device)
     model.to(device)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, task=task, device=device)

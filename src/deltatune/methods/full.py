@@ -24,6 +24,7 @@ from deltatune.methods.base import (
     register_method,
     trainable_parameters,
 )
+from deltatune.quantize import refuse_quantized
 
 
 class FullConfig(MethodConfig):
@@ -46,6 +47,8 @@ class FullMethod(Method):
 
     def attach(self, model: nn.Module) -> nn.Module:
         """Give every parameter ``requires_grad=True``; returns the model unchanged otherwise."""
+        refuse_quantized(model, self.name, "it trains every weight, and 4/8-bit weights are integer codes "
+                         "that take no gradient step")
         for p in model.parameters():
             p.requires_grad_(True)
         return model

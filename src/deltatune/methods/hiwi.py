@@ -44,6 +44,7 @@ from deltatune.methods.base import (
     set_submodule,
     unfreeze_heads,
 )
+from deltatune.quantize import refuse_quantized
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
@@ -110,6 +111,8 @@ class HiWiMethod(Method):
         if hiwi_layers(model):
             raise DeltatuneError("this model already has HiWi layers; load a fresh base model")
         cfg = self.config
+        refuse_quantized(model, self.name, "it computes each target layer from its dense pre-trained weights "
+                         "(W' = W + A(W)), and a quantized base keeps no dense weights")
         targets = find_targets(model, cfg.targets)
         if cfg.on == "biases":
             missing = [n for n in targets if model.get_submodule(n).bias is None]

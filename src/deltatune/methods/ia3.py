@@ -38,6 +38,7 @@ from deltatune.methods.base import (
     set_submodule,
     unfreeze_heads,
 )
+from deltatune.quantize import refuse_quantized_merge
 
 _FFN_OUT = r".*\.(mlp\.(down_proj|fc2|dense_4h_to_h)|(layer|layers|h|blocks)\.\d+\.output\.dense)"
 
@@ -72,6 +73,7 @@ class IA3Linear(nn.Module):
     @torch.no_grad()
     def fold(self) -> nn.Linear:
         """Scale the base weight's columns (feed-forward) or rows and bias by ``ia3_l``; return it."""
+        refuse_quantized_merge(self.base_layer, "ia3")
         w, b = self.base_layer.weight, self.base_layer.bias
         scale = self.ia3_l.flatten().float()
         if self.feedforward:

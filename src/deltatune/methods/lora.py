@@ -26,7 +26,7 @@ import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from deltatune.config import MethodConfig
-from deltatune.errors import DeltatuneError
+from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.methods.base import (
     PEFT_PREFIX,
     Method,
@@ -47,6 +47,7 @@ from deltatune.methods.base import (
     set_submodule,
     unfreeze_heads,
 )
+from deltatune.quantize import dense_weight, quantization_of, refuse_quantized_merge
 
 
 class LoraConfig(MethodConfig):
@@ -98,8 +99,8 @@ class LoraLinear(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(self._weight_norm(self.delta_weight()))
 
     def _weight_norm(self, delta: torch.Tensor) -> torch.Tensor:
-        """Return ``||W + delta||`` over each output row, in float32."""
-        return torch.linalg.norm(self.base_layer.weight.float() + delta, dim=1)
+        """Return ``||W + delta||`` over each output row, in float32 (W de-quantized for a k-bit base)."""
+        return torch.linalg.norm(dense_weight(self.base_layer).float() + delta, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -116,7 +117,7 @@ class LoraLinear(nn.Module):
             bias = self.base_layer.bias
             wx = (y if bias is None else y - bias).to(a.dtype)
         else:
-            wx = F.linear(xd, self.base_layer.weight.to(a.dtype))
+            wx = F.linear(xd, dense_weight(self.base_layer).to(a.dtype))
         return y + ((scale - 1) * wx + scale * update).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -128,6 +129,7 @@ class LoraLinear(nn.Module):
         """Add the update into the base weight (in place); the LoRA branch is then skipped.
 
         With DoRA the weight becomes ``m * (W + s B A) / ||W + s B A||_row``."""
+        refuse_quantized_merge(self.base_layer, "lora")
         if not self.merged:
             w = self.base_layer.weight
             new = w.float() + self.delta_weight()
@@ -255,3 +257,42 @@ def _peft_target_modules(model: nn.Module, targets: list[str], layers: list[int]
     if find_targets(model, leaves, layers) == targets:
         return leaves
     return "(" + "|".join(re.escape(n) for n in targets) + ")"
+
+
+class QLoraConfig(LoraConfig):
+    """QLoRA (Dettmers et al. 2023): LoRA on every linear layer of an NF4, double-quantized base, trained
+    with paged 8-bit AdamW. Defaults are the paper's (r 64, alpha 16, dropout 0.1); the run options it
+    needs are set by its presets (see ``deltatune.config.resolve_presets``)."""
+
+    presets: ClassVar[dict[str, Any]] = {
+        "model.quantize": "nf4", "model.double_quant": True, "train.optimizer": "paged_adamw_8bit"}
+
+    name: Literal["qlora"] = "qlora"  # type: ignore[assignment]
+    """The fine-tuning method."""
+    r: int = Field(default=64, ge=1, le=4096)
+    """LoRA rank (the paper: 64)."""
+    alpha: float = Field(default=16.0, gt=0)
+    """Scaling numerator: the update is multiplied by alpha / r (the paper: 16)."""
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    """Dropout on the LoRA branch's input (the paper: 0.1 up to 13B parameters)."""
+
+
+@register_method
+class QLoraMethod(LoraMethod):
+    """LoRA over a 4-bit base (see QLoraConfig); saved in peft's LoRA format like ``lora``."""
+
+    name = "qlora"
+    config_class = QLoraConfig
+    config: QLoraConfig
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Check that the base is 4-bit quantized, then attach LoRA to every target; returns the model."""
+        spec = quantization_of(model)
+        if not spec or spec["quantize"] not in ("nf4", "fp4"):
+            raise ConfigError(
+                "method qlora trains LoRA over a 4-bit base, but this model is "
+                + (f"quantized to {spec['quantize']}" if spec else "not quantized")
+                + "; load it with ModelConfig(quantize='nf4') (a run config with method.name=qlora does), "
+                "or use method lora"
+            )
+        return super().attach(model)

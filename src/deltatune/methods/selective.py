@@ -44,6 +44,7 @@ from deltatune.methods.base import (
     trainable_parameters,
     unfreeze_heads,
 )
+from deltatune.quantize import is_quantized_layer
 
 ATTENTION = r".*\.(self_attn|attention|attn|self_attention)\..*"
 """Regex of the modules inside an attention block (Llama ``self_attn``, BERT ``attention``)."""
@@ -100,6 +101,11 @@ class FreezeMethod(_OwnTensorsMethod):
         chosen = blocks[len(blocks) - cfg.layers:] if cfg.layers else []
         if cfg.modules is not None:
             chosen += match_modules(model, cfg.modules)
+        quantized = [n for n in chosen for m in model.get_submodule(n).modules() if is_quantized_layer(m)]
+        if quantized:
+            raise ConfigError(f"method freeze cannot train {quantized[0]}: its weights are stored as 4/8-bit codes "
+                              "that take no gradient step; train only unquantized modules (method.layers=0 "
+                              "method.modules=norm), use lora, or load the base unquantized (model.quantize=none)")
         freeze(model)
         for name in chosen:
             model.get_submodule(name).requires_grad_(True)
@@ -154,8 +160,10 @@ class BitFitMethod(_OwnTensorsMethod):
             module = model.get_submodule(name)
             bias = getattr(module, "bias", None)
             if bias is None and name in linear and self.config.add_missing:
-                w = module.weight
-                module.bias = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=w.dtype))
+                w = module.weight  # a quantized layer's weight holds packed codes: size and dtype from elsewhere
+                dtype = w.dtype if w.dtype.is_floating_point else getattr(module, "compute_dtype", None)
+                module.bias = nn.Parameter(torch.zeros(module.out_features, device=w.device,
+                                                       dtype=dtype or torch.float32))
                 self.added.append(name)
             bias = getattr(module, "bias", None)
             if isinstance(bias, nn.Parameter):

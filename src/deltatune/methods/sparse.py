@@ -50,6 +50,7 @@ from deltatune.methods.base import (
     set_submodule,
     unfreeze_heads,
 )
+from deltatune.quantize import refuse_quantized
 
 L_LOW, R_HIGH, BETA = -1.5, 1.5, 1.0
 OPEN_GATE = 100.0  # log_alpha at which the eval gate is exactly 1 in float32
@@ -168,6 +169,8 @@ class DiffPruningMethod(Method):
 
     def attach(self, model: nn.Module) -> nn.Module:
         """Freeze the model and give every target linear layer a gated diff; returns the model."""
+        refuse_quantized(model, self.name, "its diff is added to each dense weight and pruned against it, and "
+                         "a quantized base keeps no dense weights")
         _wrap(model, self.config.targets, lambda _n, m: DiffLinear(m, self.config.init_log_alpha), DiffLinear)
         return model
 
@@ -279,6 +282,8 @@ class PafiMethod(Method):
 
     def attach(self, model: nn.Module) -> nn.Module:
         """Freeze the model, choose the data-free mask, and wrap the target layers; returns the model."""
+        refuse_quantized(model, self.name, "it trains a sparse subset of the base weights themselves, chosen "
+                         "by magnitude, and those weights are stored as 4/8-bit codes")
         names = find_targets(model, self.config.targets)
         masks = pafi_masks({n: model.get_submodule(n).weight for n in names}, self.config.sparsity,
                            self.config.scope)

@@ -3,6 +3,9 @@
 A checkpoint is a folder ``checkpoints/step-NNNNNN`` written under a temporary name and renamed into
 place, so the newest complete checkpoint is always intact. Tensors are safetensors; optimizer state is
 read back with ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects.
+
+Under torchrun rank 0 writes the checkpoint: whole tensors, the full optimizer state (keyed by parameter
+name), every rank's RNG state, and the world size, which a resume must match.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,12 +28,14 @@ CHECKPOINTS = "checkpoints"
 
 @dataclass
 class TrainState:
-    """Where training stands: optimizer steps done, the epoch, and micro-batches consumed in it."""
+    """Where training stands: optimizer steps done, the epoch, and micro-batches consumed in it (counted over
+    every rank), and how many ranks trained (a checkpoint resumes only on the same world size)."""
 
     step: int = 0
     epoch: int = 0
     cursor: int = 0
     tokens_seen: int = 0
+    world_size: int = 1
 
 
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
@@ -40,23 +46,20 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
 
 
-def save_checkpoint(
-    out_dir: Path,
-    state: TrainState,
-    params: dict[str, nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    keep: int = 2,
-) -> Path:
-    """Write a checkpoint of the current state and keep only the newest ``keep``; return its folder."""
+def save_checkpoint(out_dir: Path, state: TrainState, tensors: dict[str, torch.Tensor], extra: dict[str, Any],
+                    keep: int = 2) -> Path:
+    """Write a checkpoint and keep only the newest ``keep``; return its folder.
+
+    ``tensors`` are the trainable tensors (whole, on the CPU); ``extra`` holds the optimizer and schedule
+    states and the RNG state(s), plain tensors and containers only.
+    """
     root = out_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        save_file({k: p.detach().cpu().contiguous() for k, p in params.items()}, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(extra, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state)))
         if final.exists():
             shutil.rmtree(final)
@@ -69,13 +72,19 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    folder: Path,
-    params: dict[str, nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> TrainState:
-    """Restore trainable tensors, optimizer, schedule and RNG from ``folder``; return the TrainState."""
+def read_state(folder: Path, world_size: int) -> TrainState:
+    """Return the checkpoint's TrainState; raise DeltatuneError if it was written by another world size."""
+    state = TrainState(**json.loads((folder / "state.json").read_text()))
+    if state.world_size != world_size:
+        raise DeltatuneError(
+            f"{folder}: this checkpoint was written by {state.world_size} process(es), this run has {world_size}; "
+            f"resume with {state.world_size} (torchrun --nproc-per-node / --nnodes), or start a new output.dir"
+        )
+    return state
+
+
+def load_trainable(folder: Path, params: dict[str, nn.Parameter]) -> None:
+    """Copy the checkpoint's trainable tensors into ``params`` (whole, unwrapped parameters)."""
     tensors = load_file(str(folder / "trainable.safetensors"))
     if set(tensors) != set(params):
         raise DeltatuneError(
@@ -87,8 +96,8 @@ def load_checkpoint(
             if tensors[name].shape != p.shape:
                 raise DeltatuneError(f"{folder}: {name} has another shape; resume with the same config")
             p.copy_(tensors[name])
-    extra = torch.load(folder / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
-    scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["rng"])
-    return TrainState(**json.loads((folder / "state.json").read_text()))
+
+
+def load_extra(folder: Path) -> dict[str, Any]:
+    """Return the optimizer, schedule and RNG states (``torch.load(weights_only=True)``: no arbitrary objects)."""
+    return torch.load(folder / "optimizer.pt", weights_only=True)

@@ -5,12 +5,18 @@
 Each optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` examples. The loss is the mean
 over every supervised token of the whole step (each micro-batch's summed loss is divided by the step's
 token count before backward), so accumulating gives exactly what one large batch would.
+
+Under torchrun (``WORLD_SIZE`` > 1) a step takes ``grad_accum`` x ``world`` micro-batches, split across
+the ranks, with the token count summed over all of them (train/distributed.py explains the split); rank 0
+alone prints and writes files. In a single process none of that code runs.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +25,35 @@ from typing import Any
 import torch
 
 from deltatune.config import RunConfig, dump_config
-from deltatune.data import TokenizedExample, collate, padding_waste, plan_batches
+from deltatune.data import padding_waste, plan_batches
 from deltatune.delta import save_delta, write_text_atomic
 from deltatune.errors import DeltatuneError
 from deltatune.evaluate import eval_loss, exact_match
-from deltatune.methods import Method, build_method, trainable_parameters
-from deltatune.models import load_model
+from deltatune.methods import build_method, trainable_parameters
+from deltatune.models import load_model, prepare_for_training
 from deltatune.train.card import model_card, summarize_parameters
-from deltatune.train.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
-from deltatune.train.loss import loss_sum
+from deltatune.train.checkpoint import (
+    TrainState,
+    checkpoint_dirs,
+    load_extra,
+    load_trainable,
+    read_state,
+    save_checkpoint,
+)
+from deltatune.train.distributed import (
+    DistContext,
+    full_tensors,
+    gathered,
+    init_distributed,
+    is_comm_failure,
+    load_optimizer_state,
+    optimizer_state,
+    rank_config,
+    step_share,
+    teardown,
+    unwrap,
+    wrap_model,
+)
 from deltatune.train.optim import build_optimizer, build_scheduler
 from deltatune.train.progress import MetricsLog, Progress
 from deltatune.train.setup import (
@@ -36,10 +62,16 @@ from deltatune.train.setup import (
     prepare_output_dir,
     tokenize_run_data,
 )
+from deltatune.train.step import StepRun, probe_loss
+from deltatune.train.step import run_step as _step
 
 
 class Interrupted(DeltatuneError):
-    """Training was stopped with Ctrl-C after a checkpoint was written."""
+    """Training was stopped with Ctrl-C (in a single process, after a checkpoint was written)."""
+
+
+class RankFailure(DeltatuneError):
+    """Under torchrun, a collective failed: another rank died or did not answer within train.dist_timeout."""
 
 
 @dataclass
@@ -63,18 +95,52 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+def _quiet(text: str) -> None:
+    return None
+
+
 def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train ``cfg.method`` on ``cfg.data`` and write the delta to ``cfg.output.dir``; return the result.
 
     With ``resume`` the newest checkpoint in the output folder is restored and training continues to
-    the same result an uninterrupted run gives. Ctrl-C writes a checkpoint and raises Interrupted.
+    the same result an uninterrupted run gives. Ctrl-C writes a checkpoint and raises Interrupted (under
+    torchrun it writes none: resume from the last ``train.save_every`` checkpoint). Under torchrun every
+    rank calls this; a failed collective raises RankFailure naming the last complete checkpoint.
     """
+    ctx = init_distributed(cfg)
+    if not ctx.enabled:
+        return _train(cfg, ctx, resume, progress)
+    try:
+        return _train(rank_config(cfg, ctx), ctx, resume, progress)
+    except RuntimeError as err:
+        if not is_comm_failure(err):
+            raise
+        ckpts = checkpoint_dirs(Path(cfg.output.dir))
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(err).strip().splitlines() or [type(err).__name__])[0])
+        reason = reason.split(". ")[0][:200]  # gloo: "[file:line] Connection closed by peer ...", NCCL: "Watchdog..."
+        raise RankFailure(f"rank {ctx.rank}: lost contact with the other ranks ({reason}); the job stops. Last "
+                          f"complete checkpoint: {ckpts[-1] if ckpts else 'none'}; rerun with --resume") from None
+    finally:
+        teardown(ctx)
+
+
+def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> TrainResult:
     started = time.perf_counter()
+    say = _say if ctx.is_main else _quiet
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    out = prepare_output_dir(cfg, resume)
-    data = load_run_data(cfg, out)
-    write_text_atomic(out / RUN_FILE, dump_config(cfg))
+    out = ctx.main_first(lambda: prepare_output_dir(cfg, resume)) or Path(cfg.output.dir)
+    with tempfile.TemporaryDirectory(prefix="deltatune-") as private:  # demo data of ranks other than 0
+        data = load_run_data(cfg, out, None if ctx.is_main else Path(private))
+    if ctx.is_main:
+        write_text_atomic(out / RUN_FILE, dump_config(cfg))
+    state, last = TrainState(world_size=ctx.world), None
+    if resume:
+        if not checkpoint_dirs(out):
+            raise DeltatuneError(f"rank {ctx.rank}: no checkpoint in {out}; resuming under torchrun needs "
+                                 "output.dir on a filesystem every rank reads")
+        last = checkpoint_dirs(out)[-1]
+        state = read_state(last, ctx.world)  # before any model is loaded
     id2label = {v: k for k, v in data.label2id.items()} if data.label2id else None
     torch.manual_seed(cfg.train.seed)
     loaded = load_model(cfg.model, task=data.task, num_labels=len(id2label) if id2label else None,
@@ -86,34 +152,61 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Tra
     params = trainable_parameters(model)
     if not params:
         raise DeltatuneError(f"method {cfg.method.name!r} left nothing to train on this model")
-    _say(summarize_parameters(model, params, method))
-    _say(f"data: {report.summary()}; eval {len(eval_set)} examples")
+    say(summarize_parameters(model, params, method))
+    say(prepare_for_training(model, cfg.train))
+    say(f"data: {report.summary()}; eval {len(eval_set)} examples")
 
     t = cfg.train
     mode = cfg.data.batching if data.task == "causal_lm" else ("pad" if cfg.data.batching == "pad" else "bucket")
     lengths = [len(ex.input_ids) for ex in train_set]
+    per_step = t.grad_accum * ctx.world  # micro-batches per optimizer step, over all ranks
     micro_per_epoch = math.ceil(len(train_set) / t.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / t.grad_accum)
+    steps_per_epoch = math.ceil(micro_per_epoch / per_step)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     waste = padding_waste(lengths, plan_batches(lengths, batch_size=t.batch_size, mode=mode, seed=t.seed, epoch=0),
                           mode)
-    _say(f"batching: {mode}, padding waste {waste:.1%}; {total_steps} steps of {t.batch_size} x {t.grad_accum} "
-         f"examples ({steps_per_epoch} steps per epoch)")
+    ranks = f" x {ctx.world} ranks = {t.batch_size * per_step}" if ctx.enabled else ""
+    say(f"batching: {mode}, padding waste {waste:.1%}; {total_steps} steps of {t.batch_size} x {t.grad_accum}"
+        f"{ranks} examples ({steps_per_epoch} steps per epoch)")
 
+    pad_id = tokenizer.pad_token_id or 0
+    result = TrainResult(output_dir=out, steps=state.step, train_loss=None)
+    result.trainable_params = sum(p.numel() for p in params.values())
+    result.total_params = sum(p.numel() for p in model.parameters())
+    if last is not None:
+        load_trainable(last, params)
+    inner = model
+    if ctx.enabled:
+        say(f"distributed: {ctx.kind} on {ctx.world} ranks ({ctx.backend})")
+        probe = train_set[0]
+        model = wrap_model(model, ctx, lambda m: probe_loss(m, method, probe, mode, pad_id, data.task, device))
+        inner = unwrap(model)
+        params = trainable_parameters(inner)  # FSDP replaced them by sharded ones
+        torch.manual_seed(t.seed + ctx.rank)  # each rank its own dropout stream
     optimizer = build_optimizer(params, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
-    state = TrainState()
-    if resume:
-        last = checkpoint_dirs(out)[-1]
-        state = load_checkpoint(last, params, optimizer, scheduler)
-        _say(f"resumed from {last} (step {state.step})")
-    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=state.step if resume else None)
-    pad_id = tokenizer.pad_token_id or 0
+    if last is not None:
+        extra = load_extra(last)
+        load_optimizer_state(model, optimizer, extra["optimizer"], ctx)
+        scheduler.load_state_dict(extra["scheduler"])
+        torch.set_rng_state(extra["rng_per_rank"][ctx.rank] if "rng_per_rank" in extra else extra["rng"])
+        say(f"resumed from {last} (step {state.step})")
+    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=state.step if resume else None, enabled=ctx.is_main)
+
+    def checkpoint() -> Path | None:
+        """Write a checkpoint (rank 0; every rank takes part in gathering the state); return its folder."""
+        tensors = full_tensors(params)
+        extra = {"optimizer": optimizer_state(model, optimizer, ctx), "scheduler": scheduler.state_dict(),
+                 "rng": torch.get_rng_state()}
+        if ctx.enabled:
+            extra["rng_per_rank"] = ctx.gather_objects(torch.get_rng_state())
+        return save_checkpoint(out, state, tensors, extra) if ctx.is_main else None
 
     def evaluate(step: int) -> dict[str, float]:
+        # every rank evaluates the whole eval set (an FSDP forward needs every rank); rank 0 logs
         if not eval_set:
             return {}
-        figures = eval_loss(model, eval_set, task=data.task, batch_size=t.batch_size, mode=mode, pad_id=pad_id,
+        figures = eval_loss(inner, eval_set, task=data.task, batch_size=t.batch_size, mode=mode, pad_id=pad_id,
                             device=device)
         metrics.write({"step": step, **figures})
         return figures
@@ -121,14 +214,13 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Tra
     def generations(step: int, when: str) -> dict[str, Any]:
         if not t.eval_generations or data.task != "causal_lm" or not data.eval:
             return {}
-        result = exact_match(model, tokenizer, data.eval, limit=t.eval_generations)
+        result = exact_match(inner, tokenizer, data.eval, limit=t.eval_generations)
         metrics.write({"step": step, "exact_match": result["exact_match"], "exact_match_n": result["n"]})
-        _say(f"exact match {when}: {result['exact_match']:.1%} of {result['n']} held-out examples")
+        say(f"exact match {when}: {result['exact_match']:.1%} of {result['n']} held-out examples")
         for s in result["samples"][:2]:
-            _say(f"  {s['prompt']!r} -> {s['reply']!r} (want {s['reference']!r})")
+            say(f"  {s['prompt']!r} -> {s['reply']!r} (want {s['reference']!r})")
         return result
 
-    result = TrainResult(output_dir=out, steps=state.step, train_loss=None)
     if resume:  # the start figures were measured before the interruption
         for record in metrics.records():
             if record.get("step") == 0:
@@ -138,24 +230,23 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Tra
     if state.step == 0:
         result.eval_start = evaluate(0)
         if result.eval_start:
-            _say("eval at start: " + _fmt(result.eval_start))
+            say("eval at start: " + _fmt(result.eval_start))
         result.generation_start = generations(0, "before training")
 
-    result.trainable_params = sum(p.numel() for p in params.values())
-    result.total_params = sum(p.numel() for p in model.parameters())
     loop_started = time.perf_counter()
-    bar = Progress(total_steps, state.step, enabled=progress)
+    bar = Progress(total_steps, state.step, enabled=progress and ctx.is_main)
     model.train()
+    run = StepRun(model, inner, method, train_set, mode, pad_id, data.task, device, t, params, optimizer, ctx)
     last_loss: float | None = None
     try:
         while state.step < total_steps:
             plan = plan_batches(lengths, batch_size=t.batch_size, mode=mode, seed=t.seed, epoch=state.epoch)
             while state.cursor < len(plan) and state.step < total_steps:
-                group = plan[state.cursor:state.cursor + t.grad_accum]
-                last_loss, tokens, grad_norm = _step(model, method, group, train_set, mode, pad_id, data.task,
-                                                     device, t, params, optimizer)
+                group = plan[state.cursor:state.cursor + per_step]
+                share = step_share(group, ctx.rank, ctx.world) if ctx.enabled else [(idx, True) for idx in group]
+                last_loss, tokens, grad_norm = _step(run, share)
                 scheduler.step()
-                method.after_step(model, state.step, total_steps)
+                method.after_step(inner, state.step, total_steps)
                 state.step += 1
                 state.cursor += len(group)
                 state.tokens_seen += tokens
@@ -165,59 +256,42 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Tra
                     metrics.write({"step": state.step, "epoch": state.epoch, "loss": last_loss, "lr": lr,
                                    "grad_norm": grad_norm, "tokens": state.tokens_seen, "tokens_per_s": rate})
                 if t.eval_every and state.step % t.eval_every == 0 and state.step < total_steps:
-                    bar.write(f"step {state.step}: " + _fmt(evaluate(state.step)))
+                    figures = evaluate(state.step)
+                    if ctx.is_main:
+                        bar.write(f"step {state.step}: " + _fmt(figures))
                 if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:
-                    save_checkpoint(out, state, params, optimizer, scheduler)
+                    checkpoint()
             if state.cursor >= len(plan):
                 state.epoch, state.cursor = state.epoch + 1, 0
     except KeyboardInterrupt:
         optimizer.zero_grad(set_to_none=True)
         bar.close()
-        ckpt = save_checkpoint(out, state, params, optimizer, scheduler)
         metrics.close()
+        if ctx.enabled:  # the ranks may stop at different points, so no collective (no checkpoint) is safe
+            done = checkpoint_dirs(out)[-1:] or ["none"]
+            raise Interrupted(f"interrupted at step {state.step}; last complete checkpoint: {done[0]}; "
+                              "continue with the same command and --resume") from None
+        ckpt = checkpoint()
         raise Interrupted(f"interrupted at step {state.step}; checkpoint written to {ckpt}; "
                           "continue with the same command and --resume") from None
     bar.close()
     result.train_seconds = time.perf_counter() - loop_started
     model.eval()
-    save_checkpoint(out, state, params, optimizer, scheduler)
-    method.finalize(model)
+    checkpoint()
+    method.finalize(inner)
     result.steps, result.train_loss = state.step, last_loss
     result.eval_end = evaluate(state.step)
     if result.eval_end:
-        _say("eval at end: " + _fmt(result.eval_end))
+        say("eval at end: " + _fmt(result.eval_end))
     result.generation_end = generations(state.step, "after training")
     metrics.close()
     result.seconds = time.perf_counter() - started
-    card = model_card(cfg, data, loaded.source, result, method)
-    save_delta(out, method, model, loaded.source, task=data.task, card=card)
-    _say(f"delta written to {out}/ ({os.path.getsize(out / 'adapter_model.safetensors') / 1e6:.1f} MB)")
+    with gathered(inner, ctx):  # FSDP: whole tensors on every rank for the moment of saving
+        if ctx.is_main:
+            card = model_card(cfg, data, loaded.source, result, method)
+            save_delta(out, method, inner, loaded.source, task=data.task, card=card)
+            say(f"delta written to {out}/ ({os.path.getsize(out / 'adapter_model.safetensors') / 1e6:.1f} MB)")
     return result
-
-
-def _step(model: torch.nn.Module, method: Method, group: list[list[int]], dataset: list[TokenizedExample], mode: str,
-          pad_id: int, task: str, device: torch.device, t: Any, params: dict[str, torch.nn.Parameter],
-          optimizer: torch.optim.Optimizer) -> tuple[float, int, float | None]:
-    """Run one optimizer step over the micro-batches of ``group``; return (loss, tokens, grad norm)."""
-    batches = [collate([dataset[i] for i in idx], mode=mode, pad_id=pad_id, task=task) for idx in group]
-    total = sum(int(b["num_supervised"]) for b in batches)
-    tokens = sum(int(b["num_tokens"]) for b in batches)
-    step_loss = 0.0
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss, _ = loss_sum(model, batch, task)
-        scaled = loss / max(total, 1)
-        reg = method.regularization(model)
-        if reg is not None:  # a per-step penalty, spread evenly over the step's micro-batches
-            scaled = scaled + reg / len(batches)
-        scaled.backward()
-        step_loss += float(loss.detach())
-    grad_norm = None
-    if t.max_grad_norm:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), t.max_grad_norm))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return step_loss / max(total, 1), tokens, grad_norm
 
 
 def _fmt(figures: dict[str, float]) -> str:

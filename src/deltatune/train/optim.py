@@ -1,22 +1,63 @@
-"""Optimizer and learning-rate schedule: AdamW with linear warmup then linear, cosine or constant."""
+"""Optimizer and learning-rate schedule: AdamW with linear warmup then linear, cosine or constant.
+
+``train.optimizer`` picks the AdamW implementation: ``adamw`` (torch), ``adamw_8bit`` (bitsandbytes:
+both moments stored in 8 bits with block-wise dynamic quantization, Dettmers et al. 2022, "8-bit
+Optimizers via Block-wise Quantization"), ``paged_adamw`` / ``paged_adamw_8bit`` (the moments live in
+CUDA unified memory, paged to the CPU under memory spikes: QLoRA's third ingredient). Paging is a CUDA
+feature; on the CPU the paged choices run their unpaged twin (the same update) and say so once.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from deltatune.config import TrainConfig
+from deltatune.errors import DeltatuneError
+
+_BNB_CLASSES = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
+_UNPAGED = {"paged_adamw": "adamw", "paged_adamw_8bit": "adamw_8bit"}
+_said: set[str] = set()
+
+
+def _say_once(text: str) -> None:
+    if text not in _said:
+        _said.add(text)
+        print(text, flush=True)
+
+
+def resolve_optimizer(name: str, device: torch.device) -> str:
+    """Return the optimizer that actually runs for ``train.optimizer`` on ``device``: a paged one becomes
+    its unpaged twin off CUDA (printing a note once per process)."""
+    if name in _UNPAGED and device.type != "cuda":
+        _say_once(f"note: train.optimizer={name}: paging needs CUDA unified memory and does not apply on "
+                  f"{device.type}; running {_UNPAGED[name]}, the same update")
+        return _UNPAGED[name]
+    return name
 
 
 def build_optimizer(params: dict[str, nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Return AdamW over ``params``; biases and norm weights (1-D tensors) get no weight decay."""
+    """Return the AdamW variant of ``cfg.optimizer`` over ``params``; biases and norm weights (1-D tensors)
+    get no weight decay."""
     decay = [p for p in params.values() if p.ndim >= 2]
     no_decay = [p for p in params.values() if p.ndim < 2]
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    first = next(iter(params.values()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    name = resolve_optimizer(cfg.optimizer, device)
+    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (0.9, 0.999), "eps": 1e-8}
+    if name == "adamw":
+        return torch.optim.AdamW(groups, **kwargs)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise DeltatuneError(f"train.optimizer={cfg.optimizer} needs bitsandbytes: pip install "
+                             "'deltatune[quant]', or use train.optimizer=adamw") from None
+    return getattr(bnb.optim, _BNB_CLASSES[name])(groups, **kwargs)
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:

@@ -12,10 +12,14 @@ from tqdm import tqdm
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl``; flushed at every write."""
+    """Appends one JSON object per line to ``metrics.jsonl``; flushed at every write. With ``enabled``
+    False (ranks other than 0) nothing is read or written."""
 
-    def __init__(self, path: Path, keep_until_step: int | None = None) -> None:
+    def __init__(self, path: Path, keep_until_step: int | None = None, enabled: bool = True) -> None:
         self.path = path
+        self._file: Any = None
+        if not enabled:
+            return
         if keep_until_step is not None and path.is_file():
             # resuming: drop what was logged after the checkpoint, it will be logged again
             kept = [line for line in path.read_text().splitlines()
@@ -27,16 +31,21 @@ class MetricsLog:
 
     def records(self) -> list[dict[str, Any]]:
         """Return every record written so far (including those kept from before a resume)."""
+        if self._file is None:
+            return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` (a flat dict of figures) as one line."""
+        if self._file is None:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
     def close(self) -> None:
         """Close the file."""
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class Progress:

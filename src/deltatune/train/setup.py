@@ -54,17 +54,18 @@ class RunData:
     is_demo: bool
 
 
-def load_run_data(cfg: RunConfig, out_dir: Path) -> RunData:
+def load_run_data(cfg: RunConfig, out_dir: Path, demo_dir: Path | None = None) -> RunData:
     """Read (or, for the demo, generate) the training and eval examples; hold out an eval split.
 
-    Every malformed example stops here with ``file:line``, before any model is loaded.
+    Every malformed example stops here with ``file:line``, before any model is loaded. The demo data is
+    written to ``demo_dir`` (default ``out_dir/data``; other ranks than 0 pass a private folder).
     """
     d = cfg.data
     is_demo = d.train is None
     train_path = d.train
     eval_spec = d.eval
     if is_demo:
-        train_file, eval_file = write_demo_data(out_dir / "data", seed=cfg.train.seed)
+        train_file, eval_file = write_demo_data(demo_dir or out_dir / "data", seed=cfg.train.seed)
         train_path, eval_spec = str(train_file), str(eval_file)
     assert train_path is not None
     examples = load_examples(train_path, d.format, split=d.split, max_examples=d.max_examples,

@@ -1,0 +1,79 @@
+"""One optimizer step over this rank's micro-batches, in a single process or under torchrun.
+
+The loss of a step is the sum of its micro-batches' summed token losses divided by the step's supervised
+token count N (over every rank under torchrun), so accumulating, or splitting over ranks, gives the
+gradient one large batch would (train/distributed.py shows why the loss is scaled by the world size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from deltatune.data import TokenizedExample, collate
+from deltatune.methods import Method
+from deltatune.train.distributed import DistContext, as_float, micro_batch
+from deltatune.train.loss import loss_sum
+
+
+@dataclass
+class StepRun:
+    """What every optimizer step needs: the model to step (maybe wrapped) and the one inside, the data."""
+
+    model: torch.nn.Module
+    inner: torch.nn.Module
+    method: Method
+    dataset: list[TokenizedExample]
+    mode: str
+    pad_id: int
+    task: str
+    device: torch.device
+    t: Any
+    params: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    ctx: DistContext
+
+
+def run_step(run: StepRun, share: list[tuple[list[int], bool]]) -> tuple[float, int, float | None]:
+    """Run one optimizer step over this rank's micro-batches ``share`` (``(indices, real)`` pairs; a pass
+    that is not real has weight 0); return (loss, tokens, grad norm) of the whole step, over every rank."""
+    ctx = run.ctx
+    batches = [collate([run.dataset[i] for i in idx], mode=run.mode, pad_id=run.pad_id, task=run.task)
+               for idx, _ in share]
+    real = [r for _, r in share]
+    counts = [sum(int(b["num_supervised"]) for b, r in zip(batches, real, strict=True) if r),
+              sum(int(b["num_tokens"]) for b, r in zip(batches, real, strict=True) if r)]
+    total, tokens = (int(c) for c in ctx.all_reduce_sum(counts))  # the step's global token counts
+    step_loss = 0.0
+    for k, batch in enumerate(batches):
+        batch = {key: v.to(run.device) for key, v in batch.items()}
+        with micro_batch(run.model, ctx, sync=k == len(batches) - 1):
+            loss, _ = loss_sum(run.model, batch, run.task)
+            scaled = loss / max(total, 1)
+            if ctx.enabled:  # the ranks' gradients are averaged: x world gives their sum
+                scaled = scaled * (ctx.world if real[k] else 0.0)
+            reg = run.method.regularization(run.inner)
+            if reg is not None:  # a per-step penalty, spread evenly over the step's micro-batches
+                scaled = scaled + reg / len(batches)
+            scaled.backward()
+        if real[k]:
+            step_loss += float(loss.detach())
+    grad_norm = None
+    if run.t.max_grad_norm:
+        grad_norm = as_float(torch.nn.utils.clip_grad_norm_(list(run.params.values()), run.t.max_grad_norm))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if ctx.enabled:
+        step_loss = ctx.all_reduce_sum([step_loss])[0]
+    return step_loss / max(total, 1), tokens, grad_norm
+
+
+def probe_loss(model: torch.nn.Module, method: Method, example: TokenizedExample, mode: str, pad_id: int,
+                task: str, device: torch.device) -> torch.Tensor:
+    """Return the loss of one example (with the method's penalty): DDP's probe for unused parameters."""
+    batch = {k: v.to(device) for k, v in collate([example], mode=mode, pad_id=pad_id, task=task).items()}
+    loss, _ = loss_sum(model, batch, task)
+    reg = method.regularization(model)
+    return loss if reg is None else loss + reg
