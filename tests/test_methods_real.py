@@ -60,8 +60,8 @@ def test_contract_on_the_bundled_model(name: str, config: dict, mergeable: bool,
     delta = dt.load_delta(tmp_path, device="cpu")
     # the reloaded tensors are bit-identical; the logits are compared to 1e-6 because BLAS may pick
     # another kernel path for the same values at other memory addresses (seen: 3e-8 on MiniLM)
-    assert all(torch.equal(v, delta.method.delta_state_dict(delta.loaded.model)[k])
-               for k, v in method.delta_state_dict(model).items())
+    reloaded = delta.method.delta_state_dict(delta.loaded.model)
+    assert all(torch.equal(v, reloaded[k]) for k, v in method.delta_state_dict(model).items())
     with torch.no_grad():
         got = delta.loaded.model(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-6, rtol=0), float((got - want).abs().max())
