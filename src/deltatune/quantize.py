@@ -11,8 +11,9 @@ Every linear layer except the output head(s) becomes a bitsandbytes layer (Dettm
   Double quantization stores those absmax constants in 8 bits with a second float32 absmax per 256 of
   them: 32/64 = 0.5 extra bits per weight become 8/64 + 32/(64*256) = 0.127 (about 4.13 bits in all).
 
-Embeddings, norms and heads stay unquantized; norms are cast to float32 ("kept in higher precision", as
-practitioners prepare k-bit models), so a bfloat16 base computes its normalisations in full precision.
+Embeddings, norms and heads stay unquantized and are cast to float32 ("kept in higher precision", as
+practitioners prepare k-bit models), so a bfloat16 base computes its normalisations and logits in full
+precision.
 The quantization a model carries is recorded on it (:func:`quantization_of`), so that a saved delta can
 ask for the same base again. :func:`dequantize_model` turns every quantized layer back into a plain
 ``nn.Linear`` (for merging); :func:`prepare_for_training` switches on gradient checkpointing.
@@ -158,14 +159,15 @@ def _quantized_linear(layer: nn.Linear, spec: QuantSpec, device: torch.device) -
     return new.to(device)
 
 
-def _norm_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if "norm" in type(m).__name__.lower() and not is_quantized_layer(m)]
+def _unquantized_leaves(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if not any(True for _ in m.children()) and not is_quantized_layer(m)]
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device) -> nn.Module:
     """Replace every linear layer but the output head(s) by its 8- or 4-bit bitsandbytes version on
-    ``device`` (one layer at a time, so the float copies are freed as it goes), cast the norms to
-    float32, record the spec on the model (:func:`quantization_of`); return the model."""
+    ``device`` (one layer at a time, so the float copies are freed as it goes), cast what stays
+    unquantized (norms, embeddings, head) to float32, record the spec on the model
+    (:func:`quantization_of`); return the model."""
     from deltatune.methods.base import output_layer_names  # methods import this module: import late
 
     if device.type not in ("cpu", "cuda"):
@@ -181,8 +183,10 @@ def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device) -> n
         layer = getattr(parent, child)
         setattr(parent, child, _quantized_linear(layer, spec, device))
         del layer
-    for norm in _norm_modules(model):
-        norm.float()
+    # every unquantized part (norms, embeddings, head) in float32, as practitioners prepare k-bit models:
+    # float32 norms alone would hand float32 activations to a bfloat16 head (seen on CUDA)
+    for leaf in _unquantized_leaves(model):
+        leaf.float()
     setattr(model, QUANT_ATTR, asdict(spec))
     return model
 
