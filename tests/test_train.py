@@ -98,10 +98,13 @@ def test_bad_data_stops_before_training_with_file_and_line(tiny_llama_dir: Path,
     lines[2] = '{"messages": [{"role": "user", "content": "hi"}'
     data.write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
-    assert main(train_args(tiny_llama_dir, data, out)) == 2
+    out.mkdir()
+    (out / "earlier-run.txt").write_text("keep me")
+    assert main(train_args(tiny_llama_dir, data, out, "output.overwrite=true")) == 2
     err = capsys.readouterr().err
     assert f"{data}:3:" in err and "Traceback" not in err
     assert not (out / "adapter_model.safetensors").exists()
+    assert (out / "earlier-run.txt").exists()  # bad data never clears an earlier run
 
 
 def test_output_dir_is_not_overwritten_by_accident(tiny_llama_dir: Path, tmp_path: Path,

@@ -129,9 +129,12 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> Tr
     say = _say if ctx.is_main else _quiet
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    # the user's data is read and checked before output.overwrite may clear an old run
+    data = load_run_data(cfg, Path(cfg.output.dir), None) if cfg.data.train is not None else None
     out = ctx.main_first(lambda: prepare_output_dir(cfg, resume)) or Path(cfg.output.dir)
-    with tempfile.TemporaryDirectory(prefix="deltatune-") as private:  # demo data of ranks other than 0
-        data = load_run_data(cfg, out, None if ctx.is_main else Path(private))
+    if data is None:  # the demo writes its generated data into the (prepared) output folder
+        with tempfile.TemporaryDirectory(prefix="deltatune-") as private:  # demo data of ranks other than 0
+            data = load_run_data(cfg, out, None if ctx.is_main else Path(private))
     if ctx.is_main:
         write_text_atomic(out / RUN_FILE, dump_config(cfg))
     state, last = TrainState(world_size=ctx.world), None
