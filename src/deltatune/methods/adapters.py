@@ -24,7 +24,7 @@ with ``peft_type: "ADAPTER"`` and a ``deltatune`` block.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -34,9 +34,7 @@ from deltatune.config import MethodConfig
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.methods.base import (
     PEFT_PREFIX,
-    Method,
-    copy_checked,
-    deltatune_adapter_config,
+    OwnedTensorsMethod,
     find_targets,
     freeze,
     head_parameters,
@@ -143,9 +141,10 @@ def _by_block(model: nn.Module, pattern: str) -> dict[int, str]:
 
 
 @register_method
-class AdapterMethod(Method):
+class AdapterMethod(OwnedTensorsMethod):
     """Bottleneck adapters: houlsby, pfeiffer or parallel (see the module docstring)."""
 
+    peft_type = "ADAPTER"
     name = "adapter"
     config_class = AdapterConfig
     config: AdapterConfig
@@ -186,7 +185,7 @@ class AdapterMethod(Method):
         unfreeze_heads(model)
         return model
 
-    def _own(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def owned_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for name, layer in adapter_layers(model):
             for pname, p in layer.adapter.named_parameters():
@@ -194,17 +193,7 @@ class AdapterMethod(Method):
         out.update(head_parameters(model))
         return out
 
-    def delta_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Return every adapter's down/up weights and biases (and a classifier head)."""
-        return {k: v.detach() for k, v in self._own(model).items()}
 
-    def load_delta_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy the saved adapters into the attached model; raise if names or shapes disagree."""
-        copy_checked(self._own(model), tensors, self.name)
-
-    def adapter_config(self, model: nn.Module, base_model: str) -> dict[str, Any]:
-        """Return the config with ``peft_type: "ADAPTER"`` and the deltatune block."""
-        return deltatune_adapter_config(self, model, base_model, "ADAPTER")
 
     def merge(self, model: nn.Module) -> nn.Module:
         """Adapters are non-linear modules in the forward path: always raises DeltatuneError."""

@@ -288,6 +288,30 @@ def deltatune_adapter_config(method: Method, model: nn.Module, base_model: str, 
     }
 
 
+class OwnedTensorsMethod(Method):
+    """A method whose delta is exactly the live tensors :meth:`owned_tensors` names (most methods):
+    saving detaches them, loading copies into them with names and shapes checked, and the adapter
+    config is deltatune's own with ``peft_type`` (methods in peft's format override it)."""
+
+    peft_type: ClassVar[str] = ""
+
+    @abstractmethod
+    def owned_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Return ``{saved name: live tensor}`` for everything the method saves (a classifier head too)."""
+
+    def delta_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Return the owned tensors, detached, under their saved names."""
+        return {k: v.detach() for k, v in self.owned_tensors(model).items()}
+
+    def load_delta_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy saved tensors into the attached model; raise DeltatuneError if names or shapes disagree."""
+        copy_checked(self.owned_tensors(model), tensors, self.name)
+
+    def adapter_config(self, model: nn.Module, base_model: str) -> dict[str, Any]:
+        """Return deltatune's adapter config with this method's ``peft_type`` and config block."""
+        return deltatune_adapter_config(self, model, base_model, self.peft_type)
+
+
 def match_modules(model: nn.Module, spec: str | list[str], kinds: tuple[type[nn.Module], ...] = (nn.Module,)
                   ) -> list[str]:
     """Return the names of the modules of type ``kinds`` that ``spec`` selects, in model order: a regex

@@ -22,7 +22,7 @@ folds them into the weights.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +34,7 @@ from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.methods.base import (
     FFN_LINEAR,
     PEFT_PREFIX,
-    Method,
-    copy_checked,
-    deltatune_adapter_config,
+    OwnedTensorsMethod,
     find_targets,
     freeze,
     head_parameters,
@@ -98,9 +96,10 @@ def hiwi_layers(model: nn.Module) -> list[tuple[str, HiWiLinear]]:
 
 
 @register_method
-class HiWiMethod(Method):
+class HiWiMethod(OwnedTensorsMethod):
     """HiWi (see the module docstring)."""
 
+    peft_type = "HIWI"
     name = "hiwi"
     config_class = HiWiConfig
     mergeable = True
@@ -126,7 +125,7 @@ class HiWiMethod(Method):
         unfreeze_heads(model)
         return model
 
-    def _own(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def owned_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for name, layer in hiwi_layers(model):
             out[f"{PEFT_PREFIX}{name}.hiwi_down"] = layer.hiwi_down
@@ -134,17 +133,7 @@ class HiWiMethod(Method):
         out.update(head_parameters(model))
         return out
 
-    def delta_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Return every adapter's ``hiwi_down`` / ``hiwi_up`` (and a classifier head)."""
-        return {k: v.detach() for k, v in self._own(model).items()}
 
-    def load_delta_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy the saved adapters into the attached model; raise if names or shapes disagree."""
-        copy_checked(self._own(model), tensors, self.name)
-
-    def adapter_config(self, model: nn.Module, base_model: str) -> dict[str, Any]:
-        """Return the config with ``peft_type: "HIWI"`` and the deltatune block."""
-        return deltatune_adapter_config(self, model, base_model, "HIWI")
 
     @torch.no_grad()
     def merge(self, model: nn.Module) -> nn.Module:

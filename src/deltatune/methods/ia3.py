@@ -28,8 +28,7 @@ from deltatune.config import MethodConfig
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.methods.base import (
     PEFT_PREFIX,
-    Method,
-    copy_checked,
+    OwnedTensorsMethod,
     find_targets,
     freeze,
     head_names,
@@ -108,7 +107,7 @@ def _peft_spec(all_names: list[str], chosen: list[str], *, suffix_dot: bool) -> 
 
 
 @register_method
-class IA3Method(Method):
+class IA3Method(OwnedTensorsMethod):
     """(IA)^3 (see the module docstring)."""
 
     name = "ia3"
@@ -133,18 +132,12 @@ class IA3Method(Method):
         unfreeze_heads(model)
         return model
 
-    def _own(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def owned_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {f"{PEFT_PREFIX}{n}.ia3_l": m.ia3_l for n, m in ia3_layers(model)}
         out.update(head_parameters(model))
         return out
 
-    def delta_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Return every ``ia3_l`` vector (and a classifier head) under its peft name."""
-        return {k: v.detach() for k, v in self._own(model).items()}
 
-    def load_delta_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy saved vectors into the attached model; raise if names or shapes disagree."""
-        copy_checked(self._own(model), tensors, self.name)
 
     def adapter_config(self, model: nn.Module, base_model: str) -> dict[str, Any]:
         """Return peft's IA3Config fields, so peft loads the delta as it is."""

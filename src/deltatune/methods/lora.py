@@ -37,8 +37,7 @@ from deltatune.config import MethodConfig
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.methods.base import (
     PEFT_PREFIX,
-    Method,
-    copy_checked,
+    OwnedTensorsMethod,
     find_targets,
     freeze,
     head_names,
@@ -161,7 +160,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
 
 
 @register_method
-class LoraMethod(Method):
+class LoraMethod(OwnedTensorsMethod):
     """LoRA on the linear layers that ``targets`` selects (see the module docstring)."""
 
     name = "lora"
@@ -184,7 +183,7 @@ class LoraMethod(Method):
         unfreeze_heads(model)
         return model
 
-    def _own(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def owned_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Return the trainable tensors under their peft names (LoRA, DoRA magnitudes, heads)."""
         out: dict[str, torch.Tensor] = {}
         for name, layer in lora_layers(model):
@@ -195,13 +194,7 @@ class LoraMethod(Method):
         out.update(head_parameters(model))
         return out
 
-    def delta_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Return every LoRA tensor (DoRA magnitudes, a classifier head's) under its peft name."""
-        return {k: v.detach() for k, v in self._own(model).items()}
 
-    def load_delta_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy saved LoRA tensors into the attached model; raise if names or shapes disagree."""
-        copy_checked(self._own(model), tensors, "lora")
 
     def adapter_config(self, model: nn.Module, base_model: str) -> dict[str, Any]:
         """Return peft's LoraConfig fields, so peft and vLLM load the delta as it is."""

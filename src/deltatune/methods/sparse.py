@@ -41,6 +41,7 @@ from deltatune.errors import DeltatuneError
 from deltatune.methods.base import (
     PEFT_PREFIX,
     Method,
+    OwnedTensorsMethod,
     copy_checked,
     deltatune_adapter_config,
     find_targets,
@@ -272,9 +273,10 @@ def pafi_masks(weights: dict[str, torch.Tensor], sparsity: float, scope: str) ->
 
 
 @register_method
-class PafiMethod(Method):
+class PafiMethod(OwnedTensorsMethod):
     """PaFi: train only the smallest-magnitude pre-trained weights (see the module docstring)."""
 
+    peft_type = "PAFI"
     name = "pafi"
     config_class = PafiConfig
     mergeable = True
@@ -290,7 +292,7 @@ class PafiMethod(Method):
         _wrap(model, names, lambda n, m: SparseLinear(m, masks[n]), SparseLinear)
         return model
 
-    def _own(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def owned_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for name, layer in _layers(model, SparseLinear):
             out[f"{PEFT_PREFIX}{name}.pafi_indices"] = layer.indices
@@ -298,9 +300,6 @@ class PafiMethod(Method):
         out.update(head_parameters(model))
         return out
 
-    def delta_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Return each layer's mask (flat indices) and trained values, and a classifier head."""
-        return {k: v.detach() for k, v in self._own(model).items()}
 
     @torch.no_grad()
     def load_delta_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -310,11 +309,7 @@ class PafiMethod(Method):
             if saved is not None and not torch.equal(saved.to(layer.indices), layer.indices):
                 raise DeltatuneError(f"the pafi delta's mask for {name} differs from this base model's; "
                                      "was it trained on another base model or with another sparsity?")
-        copy_checked(self._own(model), tensors, self.name)
-
-    def adapter_config(self, model: nn.Module, base_model: str) -> dict[str, Any]:
-        """Return the config with ``peft_type: "PAFI"`` and the deltatune block."""
-        return deltatune_adapter_config(self, model, base_model, "PAFI")
+        copy_checked(self.owned_tensors(model), tensors, self.name)
 
     def merge(self, model: nn.Module) -> nn.Module:
         """Add the trained values into the weights and put the plain nn.Linear back; returns the model."""
