@@ -41,7 +41,7 @@ BUDGETS = {
     "smollm2": [f"data.train={DATA / 'alpaca_en_demo.json'}", "data.max_examples=300", "data.eval=0.1",
                 "data.max_length=256", "train.max_steps=30", "train.batch_size=4"],
     "minilm": ["model.name=minilm", f"data.train={DATA / 'sst2_train_20k.tsv'}", f"data.eval={DATA / 'sst2_dev.tsv'}",
-               "data.max_examples=3200", "data.max_length=128", "train.epochs=1", "train.batch_size=32"],
+               "data.max_examples=1600", "data.max_length=128", "train.epochs=1", "train.batch_size=32"],
 }
 LR_SCALE = {"smollm2": 1.0, "minilm": 5.0}  # the small encoder with a fresh head takes larger steps
 
