@@ -16,6 +16,7 @@ import argparse
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from deltatune.errors import DeltatuneError
 
@@ -355,13 +356,28 @@ def _add_hosted_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=20)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog may be computed only when help is shown (the list of config keys
+    imports every method, which no command but `--help` needs)."""
+
+    def __init__(self, *args: Any, epilog_factory: Callable[[], str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.epilog_factory = epilog_factory
+
+    def format_help(self) -> str:
+        """Return the help text, computing the epilog first when it is lazy."""
+        if self.epilog_factory is not None:
+            self.epilog = self.epilog_factory()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser with every command."""
-    parser = argparse.ArgumentParser(prog="deltatune", description="Fine-tune pre-trained language models.")
+    parser = _Parser(prog="deltatune", description="Fine-tune pre-trained language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a method (no arguments: the built-in demo)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_keys_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog_factory=_keys_help,
                        description="Train with a YAML config and key=value overrides "
                                    "(defaults < YAML < overrides).")
     p.add_argument("config", nargs="?", help="run config YAML (see `deltatune config`)")

@@ -7,14 +7,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune.data.chat import fallback_render
+
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """Return the chat-template text for ``messages`` followed by the assistant header."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # the same fallback template the data package uses for tokenizers without one
-    parts = [f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages]
-    return "".join(parts) + "### Assistant:\n"
+    # tokenizers without a template: exactly the rendering the model was trained on
+    return fallback_render(messages, add_generation_prompt=True, eos=tokenizer.eos_token or "")
 
 
 @torch.no_grad()
