@@ -110,7 +110,7 @@ def worker_memory(args: argparse.Namespace) -> dict[str, Any]:
     linear_bytes = sum(quantized.values()) if quantized else 4 * linear_numel
     optimizer_name = "paged_adamw_8bit" if args.storage == "nf4+dq" else "adamw"
     params = trainable_parameters(model)
-    optimizer = build_optimizer(params, TrainConfig(optimizer=optimizer_name, lr=1e-4))
+    optimizer = build_optimizer(params, TrainConfig(optimizer=optimizer_name), 1e-4)
     if args.gc:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

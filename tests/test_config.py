@@ -12,7 +12,7 @@ from deltatune.errors import ConfigError
 
 def test_defaults_and_precedence(tmp_path: Path) -> None:
     cfg = load_config()
-    assert cfg.method.name == "lora" and cfg.method.r == 8 and cfg.train.lr == 2e-4
+    assert cfg.method.name == "lora" and cfg.method.r == 8 and cfg.train.lr is None
     run = tmp_path / "run.yaml"
     run.write_text("method:\n  r: 4\ntrain:\n  epochs: 3\n  lr: 1e-3\n")
     cfg = load_config(run, ["train.epochs=2", "method.targets=[q_proj, v_proj]", "data.eval=0.2"])

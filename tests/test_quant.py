@@ -161,7 +161,7 @@ def test_optimizer_choices_construct_and_step(name: str, capsys: pytest.CaptureF
     monkeypatch.setattr(optim, "_said", set())
     torch.manual_seed(0)
     params = {"w": nn.Parameter(torch.randn(64, 128)), "b": nn.Parameter(torch.zeros(64))}
-    optimizer = build_optimizer(params, TrainConfig(optimizer=name, lr=1e-2, weight_decay=0.1))
+    optimizer = build_optimizer(params, TrainConfig(optimizer=name, weight_decay=0.1), 1e-2)
     before = {k: p.detach().clone() for k, p in params.items()}
     for _ in range(2):
         (params["w"].square().sum() + params["b"].sum()).backward()
@@ -171,7 +171,7 @@ def test_optimizer_choices_construct_and_step(name: str, capsys: pytest.CaptureF
     assert float(params["w"].detach().square().sum()) < float(before["w"].square().sum())
     expected = {"adamw": "AdamW", "adamw_8bit": "AdamW8bit", "paged_adamw": "AdamW", "paged_adamw_8bit": "AdamW8bit"}
     assert type(optimizer).__name__ == expected[name]  # paging does not apply on the CPU
-    build_optimizer(params, TrainConfig(optimizer=name))  # a second build says nothing more
+    build_optimizer(params, TrainConfig(optimizer=name), 1e-3)  # a second build says nothing more
     assert capsys.readouterr().out.count("paging needs CUDA") == (1 if name.startswith("paged") else 0)
 
 

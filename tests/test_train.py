@@ -50,30 +50,43 @@ def test_train_writes_a_complete_run_and_lowers_eval_loss(tiny_llama_dir: Path, 
     assert "max_steps: 30" in (out / "run.yaml").read_text()
 
 
-def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny_llama_dir: Path, tmp_path: Path,
+RESUME_CASES = {
+    "lora": ("method.r=4", "method.dropout=0.1"),
+    # pruned after step 4 of 8, interrupted in the fixed-mask phase: the mask must come back on resume
+    "diff_pruning": ("method.name=diff_pruning", "method.sparsity=0.9", "method.prune_at=0.5"),
+}
+
+
+@pytest.mark.parametrize("method", list(RESUME_CASES))
+def test_resume_after_ctrl_c_matches_an_uninterrupted_run(method: str, tiny_llama_dir: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     data = write_chat_data(tmp_path / "d.jsonl")
-    settings = ("train.max_steps=8", "method.dropout=0.1", "data.eval=null", "train.lr=1e-3")
+    settings = ("train.max_steps=8", "data.eval=null", "train.lr=1e-3", *RESUME_CASES[method])
+    base = [a for a in train_args(tiny_llama_dir, data, tmp_path, *settings) if a != "method.r=4"]
+
+    def args(out: Path) -> list[str]:
+        return [a if not a.startswith("output.dir=") else f"output.dir={out}" for a in base]
+
     straight = tmp_path / "straight"
-    assert main(train_args(tiny_llama_dir, data, straight, *settings)) == 0
+    assert main(args(straight)) == 0
 
     real_step, calls = loop._step, {"n": 0}
 
-    def interrupt_at_step_5(*args: object, **kwargs: object) -> object:
+    def interrupt_at_step_6(*args: object, **kwargs: object) -> object:
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 6:
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(loop, "_step", interrupt_at_step_5)
-    assert main(train_args(tiny_llama_dir, data, resumed, *settings)) == 130
+    monkeypatch.setattr(loop, "_step", interrupt_at_step_6)
+    assert main(args(resumed)) == 130
     assert "--resume" in capsys.readouterr().err
-    assert (resumed / "checkpoints" / "step-000004").is_dir()
+    assert (resumed / "checkpoints" / "step-000005").is_dir()
     assert not (resumed / "adapter_model.safetensors").exists()  # no half-finished delta
     monkeypatch.setattr(loop, "_step", real_step)
-    assert main([*train_args(tiny_llama_dir, data, resumed, *settings), "--resume"]) == 0
+    assert main([*args(resumed), "--resume"]) == 0
     a = load_file(straight / "adapter_model.safetensors")
     b = load_file(resumed / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -162,3 +175,49 @@ def test_classification_run_reports_accuracy(tiny_bert_dir: Path, tmp_path: Path
     evals = [m for m in metrics(out) if "eval_accuracy" in m]
     assert len(evals) == 2 and evals[-1]["eval_accuracy"] == 1.0
     assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+
+
+def test_learning_rates_follow_the_method_the_head_and_the_gates() -> None:
+    from deltatune.config import HEAD_LR, config_from_dict, load_config
+    from deltatune.train.optim import build_optimizer, peak_learning_rates
+
+    cfg = load_config(None, ["method.name=prompt_tuning"])
+    assert peak_learning_rates(cfg.train, cfg.method, "causal_lm") == (3e-2, HEAD_LR)
+    assert peak_learning_rates(cfg.train, cfg.method, "classification") == (3e-1, HEAD_LR)
+    cfg = load_config(None, ["method.name=lora", "train.lr=5e-4"])  # an explicit rate also drives the head
+    assert peak_learning_rates(cfg.train, cfg.method, "classification") == (5e-4, 5e-4)
+    cfg = load_config(None, ["train.lr=5e-4", "train.head_lr=2e-3"])
+    assert peak_learning_rates(cfg.train, cfg.method, "classification") == (5e-4, 2e-3)
+    composed = config_from_dict({"method": [{"name": "ia3"}, {"name": "bitfit"}]})  # the first method's rate
+    assert peak_learning_rates(composed.train, composed.method, "causal_lm") == (3e-3, HEAD_LR)
+    params = {"w": torch.nn.Parameter(torch.zeros(2, 2)), "b": torch.nn.Parameter(torch.zeros(2)),
+              "head.weight": torch.nn.Parameter(torch.zeros(2, 2))}
+    opt = build_optimizer(params, cfg.train.model_copy(update={"weight_decay": 0.1}), 5e-4, {"head.weight": 2e-3})
+    groups = {(g["lr"], g["weight_decay"]): [p.shape for p in g["params"]] for g in opt.param_groups}
+    assert groups == {(5e-4, 0.1): [(2, 2)], (5e-4, 0.0): [(2,)], (2e-3, 0.1): [(2, 2)]}
+
+
+def test_diff_pruning_gates_train_at_their_own_rate_and_freeze_after_pruning(tiny_llama_dir: Path) -> None:
+    import deltatune as dt
+    from deltatune.config import ModelConfig
+    from deltatune.methods.sparse import DiffLinear
+
+    model = dt.load_model(ModelConfig(name=str(tiny_llama_dir), device="cpu"), task="causal_lm").model
+    method = dt.attach(model, {"name": "diff_pruning", "sparsity": 0.9, "gate_lr": 0.05, "prune_at": 0.5})
+    rates = method.learning_rates(model, 1e-4)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, DiffLinear)}
+    assert set(rates) == {f"{n}.log_alpha" for n in layers} and set(rates.values()) == {0.05}
+    method.after_step(model, 2, 10)  # before prune_at: nothing happens
+    assert all(m.mask is None for m in layers.values()) and method.regularization(model) is not None
+    with torch.no_grad():
+        for m in layers.values():
+            m.diff.normal_()
+    method.after_step(model, 4, 10)  # the 5th of 10 steps: pruned, gates frozen open, no more L0 term
+    kept = sum(int(m.mask.sum()) for m in layers.values())
+    assert kept == round(0.1 * sum(m.diff.numel() for m in layers.values()))
+    assert all(not m.log_alpha.requires_grad for m in layers.values()) and method.regularization(model) is None
+    with torch.no_grad():  # an optimizer moving pruned entries changes nothing: the next step re-zeroes them
+        for m in layers.values():
+            m.diff.add_(1.0)
+    method.after_step(model, 5, 10)
+    assert sum(int(m.diff.count_nonzero()) for m in layers.values()) <= kept

@@ -104,8 +104,22 @@ class MethodConfig(Section):
     """Options of other sections this method sets (``{"model.quantize": "nf4"}``): see
     :func:`resolve_presets`."""
 
+    recommended_lr: ClassVar[tuple[float, float]] = (2e-4, 1e-3)
+    """The peak learning rate used when ``train.lr`` is unset: (causal LM, sequence classifier). Each method
+    sets its own from its paper and from measurements on the bundled models (README, methods table)."""
+
     name: str = "lora"
     """The fine-tuning method."""
+
+    def default_lr(self, task: str) -> float:
+        """Return this method's recommended peak learning rate for ``task`` (``causal_lm`` or
+        ``classification``)."""
+        causal, classifier = self.recommended_lr
+        return classifier if task == "classification" else causal
+
+
+HEAD_LR = 1e-3
+"""The learning rate of a classifier's fresh head when neither ``train.head_lr`` nor ``train.lr`` is set."""
 
 
 class TrainConfig(Section):
@@ -117,8 +131,11 @@ class TrainConfig(Section):
     """Examples per micro-batch."""
     grad_accum: int = Field(default=1, ge=1)
     """Micro-batches per optimizer step (effective batch = batch_size x grad_accum examples)."""
-    lr: float = Field(default=2e-4, gt=0)
-    """Peak learning rate."""
+    lr: float | None = Field(default=None, gt=0)
+    """Peak learning rate; null: the method's recommended rate (README, methods table; e.g. lora 2e-4 on a
+    causal LM, 1e-3 on a classifier; prompt_tuning 3e-2 / 3e-1)."""
+    head_lr: float | None = Field(default=None, gt=0)
+    """Classifiers: peak learning rate of the fresh classification head; null: train.lr when set, else 1e-3."""
     weight_decay: float = Field(default=0.0, ge=0)
     """AdamW weight decay."""
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"

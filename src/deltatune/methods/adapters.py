@@ -24,7 +24,7 @@ with ``peft_type: "ADAPTER"`` and a ``deltatune`` block.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -52,6 +52,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tan
 
 
 class AdapterConfig(MethodConfig):
+    recommended_lr: ClassVar[tuple[float, float]] = (1e-3, 5e-3)
     name: Literal["adapter"] = "adapter"
     """The fine-tuning method."""
     variant: Literal["houlsby", "pfeiffer", "parallel"] = "pfeiffer"

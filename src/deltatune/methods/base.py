@@ -54,6 +54,11 @@ class Method(ABC):
         """Return a term added to every step's loss (e.g. diff pruning's L0 penalty), or None."""
         return None
 
+    def learning_rates(self, model: nn.Module, lr: float) -> dict[str, float]:
+        """Return ``{parameter name: peak learning rate}`` for parameters that should not train at the run's
+        rate ``lr`` (e.g. diff pruning's gate logits); empty by default."""
+        return {}
+
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Called after every optimizer step (e.g. to re-apply a sparsity mask)."""
         return None

@@ -60,6 +60,10 @@ class ComposeConfig(MethodConfig):
                              f"{sorted(PROMPT_METHODS & set(names))}")
         return configs
 
+    def default_lr(self, task: str) -> float:
+        """Return the first method's recommended learning rate (the others train at the same rate)."""
+        return self.methods[0].default_lr(task)
+
 
 @register_method
 class ComposeMethod(Method):
@@ -117,6 +121,13 @@ class ComposeMethod(Method):
         """Return the sum of the methods' loss terms, or None when none has one."""
         terms = [t for t in (p.regularization(model) for p in self.parts) if t is not None]
         return torch.stack(terms).sum() if terms else None
+
+    def learning_rates(self, model: nn.Module, lr: float) -> dict[str, float]:
+        """Return the union of the methods' own learning rates."""
+        out: dict[str, float] = {}
+        for part in self.parts:
+            out.update(part.learning_rates(model, lr))
+        return out
 
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Call every method's after_step."""

@@ -10,7 +10,7 @@ trained weights already are the model's weights.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from deltatune.quantize import refuse_quantized
 
 
 class FullConfig(MethodConfig):
+    recommended_lr: ClassVar[tuple[float, float]] = (2e-5, 1e-4)
     name: Literal["full"] = "full"
     """The fine-tuning method."""
 

@@ -22,7 +22,7 @@ folds them into the weights.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,7 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tan
 
 
 class HiWiConfig(MethodConfig):
+    recommended_lr: ClassVar[tuple[float, float]] = (1e-3, 5e-3)
     name: Literal["hiwi"] = "hiwi"
     """The fine-tuning method."""
     on: Literal["weights", "biases"] = "weights"

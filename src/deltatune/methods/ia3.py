@@ -19,7 +19,7 @@ exact regex of the full names), so ``peft.PeftModel.from_pretrained`` loads it u
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ _FFN_OUT = r".*\.(mlp\.(down_proj|fc2|dense_4h_to_h)|(layer|layers|h|blocks)\.\d
 
 
 class IA3Config(MethodConfig):
+    recommended_lr: ClassVar[tuple[float, float]] = (3e-3, 1.5e-2)
     name: Literal["ia3"] = "ia3"
     """The fine-tuning method."""
     targets: str | list[str] = r".*\.(k_proj|v_proj|key|value)|" + _FFN_OUT

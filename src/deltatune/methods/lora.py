@@ -50,6 +50,7 @@ from deltatune.quantize import dense_weight, quantization_of, refuse_quantized_m
 
 
 class LoraConfig(MethodConfig):
+    recommended_lr: ClassVar[tuple[float, float]] = (2e-4, 1e-3)
     name: Literal["lora"] = "lora"
     """The fine-tuning method."""
     r: int = Field(default=8, ge=1, le=4096)

@@ -46,6 +46,7 @@ HEAD_PREFIX = "base_model."  # peft's key prefix for a prompt method's modules_t
 
 
 class PromptTuningConfig(MethodConfig):
+    recommended_lr: ClassVar[tuple[float, float]] = (3e-2, 3e-1)
     name: Literal["prompt_tuning"] = "prompt_tuning"
     """The fine-tuning method."""
     num_virtual_tokens: int = Field(default=20, ge=1, le=4096)
@@ -70,6 +71,7 @@ class PromptTuningConfig(MethodConfig):
 
 
 class PTuningConfig(MethodConfig):
+    recommended_lr: ClassVar[tuple[float, float]] = (1e-3, 1e-2)
     name: Literal["p_tuning"] = "p_tuning"
     """The fine-tuning method."""
     num_virtual_tokens: int = Field(default=20, ge=1, le=4096)
@@ -85,6 +87,7 @@ class PTuningConfig(MethodConfig):
 
 
 class PrefixTuningConfig(MethodConfig):
+    recommended_lr: ClassVar[tuple[float, float]] = (1e-2, 5e-2)
     name: Literal["prefix_tuning"] = "prefix_tuning"
     """The fine-tuning method."""
     num_virtual_tokens: int = Field(default=20, ge=1, le=4096)

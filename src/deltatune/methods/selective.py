@@ -20,7 +20,7 @@ Both save exactly the trained tensors under ``base_model.model.<name>`` with the
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -73,6 +73,7 @@ class _OwnTensorsMethod(Method):
 
 
 class FreezeConfig(MethodConfig):
+    recommended_lr: ClassVar[tuple[float, float]] = (1e-4, 5e-4)
     name: Literal["freeze"] = "freeze"
     """The fine-tuning method."""
     layers: int = Field(default=2, ge=0)
@@ -118,6 +119,7 @@ class FreezeMethod(_OwnTensorsMethod):
 
 
 class BitFitConfig(MethodConfig):
+    recommended_lr: ClassVar[tuple[float, float]] = (1e-3, 5e-3)
     name: Literal["bitfit"] = "bitfit"
     """The fine-tuning method."""
     biases: Literal["all", "attention", "mlp"] = "all"

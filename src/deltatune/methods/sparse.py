@@ -8,10 +8,14 @@ the hard-concrete distribution (Louizos et al. 2018) with a trainable ``log_alph
     W' = W + z * w          penalty = l0_strength * sum sigmoid(log_alpha - beta log(-l / r))
 
 with the paper's ``l = -1.5``, ``r = 1.5``, ``beta = 1``; the penalty is the expected number of non-zero
-gates (the differentiable L0 norm). At eval ``z = clamp(sigmoid(log_alpha) (r - l) + l, 0, 1)``. After
-training, ``finalize`` magnitude-prunes ``z * w`` globally to the target ``sparsity`` (the paper's
-projection onto the L0 ball) and fixes the gates open. The paper's structured (group) penalty is not
-implemented. ``w = 0`` at attach, so the model computes exactly what the base computes.
+gates (the differentiable L0 norm). At eval ``z = clamp(sigmoid(log_alpha) (r - l) + l, 0, 1)``. As in the
+paper's recipe, training has two phases: after ``prune_at`` of the steps, ``z * w`` is magnitude-pruned
+globally to the target ``sparsity`` (the projection onto the L0 ball), the gates are fixed open, and the
+surviving entries go on training under that fixed mask for the remaining steps ("fixed-mask
+fine-tuning"); ``finalize`` prunes at the end if the run stopped earlier. The diff trains at ``train.lr``
+(a full fine-tuning rate: it is added to the weights as they are), the gate logits at ``gate_lr`` (they
+must move by several units for the L0 penalty to close gates). The paper's structured (group) penalty is
+not implemented. ``w = 0`` at attach, so the model computes exactly what the base computes.
 
 ``pafi`` (Liao, Meng, Monz 2023, "Parameter-Efficient Fine-Tuning without Introducing New Latency"): a
 data-free mask, shared by every task, of the pre-trained weights with the smallest absolute value; only
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +62,7 @@ OPEN_GATE = 100.0  # log_alpha at which the eval gate is exactly 1 in float32
 
 
 class DiffPruningConfig(MethodConfig):
+    recommended_lr: ClassVar[tuple[float, float]] = (1e-4, 2e-4)
     name: Literal["diff_pruning"] = "diff_pruning"
     """The fine-tuning method."""
     sparsity: float = Field(default=0.995, ge=0.0, lt=1.0)
@@ -66,6 +71,11 @@ class DiffPruningConfig(MethodConfig):
     """Weight of the expected-L0 penalty added to the loss (the paper's lambda)."""
     init_log_alpha: float = 5.0
     """Initial gate logit: high values start with every gate open."""
+    gate_lr: float = Field(default=0.1, gt=0)
+    """Peak learning rate of the gate logits (the diff itself trains at train.lr)."""
+    prune_at: float = Field(default=0.7, gt=0, le=1)
+    """Fraction of the steps after which the diff is pruned to `sparsity`; the kept entries then train
+    under the fixed mask for the rest (1.0: prune only at the end)."""
     targets: str | list[str] = "all-linear"
     """`all-linear`, a list of layer names, or a regex on full names."""
 
@@ -79,6 +89,7 @@ class DiffLinear(nn.Module):
         w = base_layer.weight
         self.diff = nn.Parameter(torch.zeros(w.shape, device=w.device, dtype=torch.float32))
         self.log_alpha = nn.Parameter(torch.full(w.shape, init_log_alpha, device=w.device, dtype=torch.float32))
+        self.mask: torch.Tensor | None = None  # set by pruning: the fixed mask of the kept entries
 
     def gate(self) -> torch.Tensor:
         """Return ``z``: a hard-concrete sample in training, its deterministic value in eval."""
@@ -90,7 +101,9 @@ class DiffLinear(nn.Module):
         return (s * (R_HIGH - L_LOW) + L_LOW).clamp(0.0, 1.0)
 
     def delta(self) -> torch.Tensor:
-        """Return the diff ``z * w`` (float32, shaped like the weight)."""
+        """Return the diff ``z * w`` (float32, shaped like the weight); after pruning, the masked ``w``."""
+        if self.mask is not None:
+            return self.diff * self.mask
         return self.gate() * self.diff
 
     def expected_l0(self) -> torch.Tensor:
@@ -103,6 +116,7 @@ class DiffLinear(nn.Module):
 
 
 class PafiConfig(MethodConfig):
+    recommended_lr: ClassVar[tuple[float, float]] = (1e-3, 5e-3)
     name: Literal["pafi"] = "pafi"
     """The fine-tuning method."""
     sparsity: float = Field(default=0.995, ge=0.0, lt=1.0)
@@ -176,16 +190,38 @@ class DiffPruningMethod(Method):
         return model
 
     def regularization(self, model: nn.Module) -> torch.Tensor | None:
-        """Return ``l0_strength`` times the expected number of non-zero diff entries."""
-        if self.config.l0_strength == 0:
+        """Return ``l0_strength`` times the expected number of non-zero diff entries (None once pruned)."""
+        layers = [layer for _, layer in _layers(model, DiffLinear)]
+        if self.config.l0_strength == 0 or not layers or layers[0].mask is not None:
             return None
-        return self.config.l0_strength * sum(layer.expected_l0() for _, layer in _layers(model, DiffLinear))
+        return self.config.l0_strength * sum(layer.expected_l0() for layer in layers)
+
+    def learning_rates(self, model: nn.Module, lr: float) -> dict[str, float]:
+        """Return ``gate_lr`` for every gate logit."""
+        return {f"{name}.log_alpha": self.config.gate_lr for name, _ in _layers(model, DiffLinear)}
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Prune once ``prune_at`` of the steps are done; afterwards keep the pruned entries of the diff at
+        zero (AdamW's momentum would otherwise move them), so the diff's non-zeros are the mask."""
+        if step + 1 < round(self.config.prune_at * total_steps):
+            return
+        self.finalize(model)
+        with torch.no_grad():
+            for _, layer in _layers(model, DiffLinear):
+                layer.diff.mul_(layer.mask)
 
     @torch.no_grad()
     def finalize(self, model: nn.Module) -> None:
-        """Keep the largest ``1 - sparsity`` fraction of ``|z * w|`` over all layers, zero the rest, and
-        open every gate, so the diff is exactly the pruned one from now on."""
+        """Keep the largest ``1 - sparsity`` fraction of ``|z * w|`` over all layers, zero the rest, open
+        every gate and fix the mask, so the diff is exactly the pruned one from now on. Idempotent; a model
+        whose gates are already open (a resumed run) gets its mask back from the diff's non-zeros."""
         layers = [layer for _, layer in _layers(model, DiffLinear)]
+        if not layers or layers[0].mask is not None:
+            return
+        if all(bool((layer.log_alpha == OPEN_GATE).all()) for layer in layers):
+            for layer in layers:
+                _fix_mask(layer, layer.diff != 0)
+            return
         was = [layer.training for layer in layers]
         for layer in layers:
             layer.eval()
@@ -201,6 +237,7 @@ class DiffPruningMethod(Method):
             start += d.numel()
             layer.diff.copy_(d * m)
             layer.log_alpha.fill_(OPEN_GATE)
+            _fix_mask(layer, m)
             layer.train(mode)
 
     def delta_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -244,6 +281,13 @@ class DiffPruningMethod(Method):
         """Add each eval diff into its weight and put the plain nn.Linear back; returns the model."""
         model.eval()
         return _merge(model, DiffLinear)
+
+
+def _fix_mask(layer: DiffLinear, mask: torch.Tensor) -> None:
+    """Fix ``layer``'s mask: from now on only the kept entries of the diff train, and the gates are frozen."""
+    layer.mask = mask.to(layer.diff.dtype)
+    layer.log_alpha.requires_grad_(False)
+    layer.log_alpha.grad = None
 
 
 def _check_indices(idx: torch.Tensor, size: int, name: str) -> None:

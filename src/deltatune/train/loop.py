@@ -29,7 +29,7 @@ from deltatune.data import padding_waste, plan_batches
 from deltatune.delta import save_delta, write_text_atomic
 from deltatune.errors import DeltatuneError
 from deltatune.evaluate import eval_loss, exact_match
-from deltatune.methods import build_method, trainable_parameters
+from deltatune.methods import build_method, head_names, trainable_parameters
 from deltatune.models import load_model, prepare_for_training
 from deltatune.train.card import model_card, summarize_parameters
 from deltatune.train.checkpoint import (
@@ -54,7 +54,7 @@ from deltatune.train.distributed import (
     unwrap,
     wrap_model,
 )
-from deltatune.train.optim import build_optimizer, build_scheduler
+from deltatune.train.optim import build_optimizer, build_scheduler, peak_learning_rates
 from deltatune.train.progress import MetricsLog, Progress
 from deltatune.train.setup import (
     RUN_FILE,
@@ -186,13 +186,21 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> Tr
         inner = unwrap(model)
         params = trainable_parameters(inner)  # FSDP replaced them by sharded ones
         torch.manual_seed(t.seed + ctx.rank)  # each rank its own dropout stream
-    optimizer = build_optimizer(params, t)
+    lr, head_lr = peak_learning_rates(t, cfg.method, data.task)
+    lr_of = {f"{head}.{n}": head_lr for head in head_names(inner)
+             for n, _ in inner.get_submodule(head).named_parameters()}
+    lr_of.update(method.learning_rates(inner, lr))
+    say(f"learning rate {lr:g}{'' if t.lr else f' ({cfg.method.name} default; set train.lr to change)'}"
+        + (f", classifier head {head_lr:g}" if head_names(inner) else ""))
+    optimizer = build_optimizer(params, t, lr, lr_of)
+    main_group = next((i for i, g in enumerate(optimizer.param_groups) if g["lr"] == lr), 0)
     scheduler = build_scheduler(optimizer, t, total_steps)
     if last is not None:
         extra = load_extra(last)
         load_optimizer_state(model, optimizer, extra["optimizer"], ctx)
         scheduler.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["rng_per_rank"][ctx.rank] if "rng_per_rank" in extra else extra["rng"])
+        method.after_step(inner, state.step - 1, total_steps)  # restore step-dependent state (a fixed mask)
         say(f"resumed from {last} (step {state.step})")
     metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=state.step if resume else None, enabled=ctx.is_main)
 
@@ -253,10 +261,10 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> Tr
                 state.step += 1
                 state.cursor += len(group)
                 state.tokens_seen += tokens
-                lr = scheduler.get_last_lr()[0]
-                rate = bar.update(last_loss, lr, tokens)
+                lr_now = scheduler.get_last_lr()[main_group]
+                rate = bar.update(last_loss, lr_now, tokens)
                 if state.step % t.log_every == 0 or state.step == total_steps:
-                    metrics.write({"step": state.step, "epoch": state.epoch, "loss": last_loss, "lr": lr,
+                    metrics.write({"step": state.step, "epoch": state.epoch, "loss": last_loss, "lr": lr_now,
                                    "grad_norm": grad_norm, "tokens": state.tokens_seen, "tokens_per_s": rate})
                 if t.eval_every and state.step % t.eval_every == 0 and state.step < total_steps:
                     figures = evaluate(state.step)

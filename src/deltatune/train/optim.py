@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.config import TrainConfig
+from deltatune.config import HEAD_LR, MethodConfig, TrainConfig
 from deltatune.errors import DeltatuneError
 
 _BNB_CLASSES = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
@@ -39,17 +39,29 @@ def resolve_optimizer(name: str, device: torch.device) -> str:
     return name
 
 
-def build_optimizer(params: dict[str, nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Return the AdamW variant of ``cfg.optimizer`` over ``params``; biases and norm weights (1-D tensors)
-    get no weight decay."""
-    decay = [p for p in params.values() if p.ndim >= 2]
-    no_decay = [p for p in params.values() if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+def peak_learning_rates(train: TrainConfig, method: MethodConfig, task: str) -> tuple[float, float]:
+    """Return ``(lr, head_lr)``: ``train.lr`` or the method's recommended rate for ``task``, and the rate of
+    a classifier's fresh head (``train.head_lr``, else ``train.lr`` when set, else ``HEAD_LR``)."""
+    lr = train.lr if train.lr is not None else method.default_lr(task)
+    head_lr = train.head_lr or train.lr or HEAD_LR
+    return lr, head_lr
+
+
+def build_optimizer(params: dict[str, nn.Parameter], cfg: TrainConfig, lr: float,
+                    lr_of: dict[str, float] | None = None) -> torch.optim.Optimizer:
+    """Return the AdamW variant of ``cfg.optimizer`` over ``params`` (``{name: parameter}``) at peak rate
+    ``lr``; a parameter named in ``lr_of`` trains at that rate instead. Biases, norm weights and other 1-D
+    tensors get no weight decay."""
+    lr_of = lr_of or {}
+    grouped: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in params.items():
+        grouped.setdefault((lr_of.get(name, lr), p.ndim >= 2), []).append(p)
+    groups = [{"params": ps, "lr": rate, "weight_decay": cfg.weight_decay if decay else 0.0}
+              for (rate, decay), ps in grouped.items()]
     first = next(iter(params.values()), None)
     device = first.device if first is not None else torch.device("cpu")
     name = resolve_optimizer(cfg.optimizer, device)
-    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (0.9, 0.999), "eps": 1e-8}
+    kwargs: dict[str, Any] = {"lr": lr, "betas": (0.9, 0.999), "eps": 1e-8}
     if name == "adamw":
         return torch.optim.AdamW(groups, **kwargs)
     try:
