@@ -96,6 +96,7 @@ def worker_memory(args: argparse.Namespace) -> dict[str, Any]:
     from deltatune.config import TrainConfig
     from deltatune.methods import trainable_parameters
     from deltatune.quantize import weight_bytes
+    from deltatune.train.loss import causal_lm_loss_sum
     from deltatune.train.optim import build_optimizer
 
     device = torch.device(args.device)
@@ -117,9 +118,16 @@ def worker_memory(args: argparse.Namespace) -> dict[str, Any]:
     model.train()
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
+    labels = ids.clone()
+    labels[:, : args.seq // 2] = -100  # an SFT row: the first half is prompt, the loss is on the response
+    batch = {"input_ids": ids, "labels": labels}
+
     def step() -> float:
         started = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
+        if args.full_logits:  # what a plain transformers loop does: logits at every position
+            model(input_ids=ids, labels=labels).loss.backward()
+        else:  # deltatune's training step: the output layer only where the next token is supervised
+            causal_lm_loss_sum(model, batch)[0].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -193,8 +201,9 @@ def _mb(n: float) -> str:
 def run_memory(opts: argparse.Namespace) -> list[dict[str, Any]]:
     """Measure every (shape, storage) in its own process; print and return the rows."""
     rows = []
-    print(f"\n## memory and time of a LoRA (r 16) training step, batch {opts.batch} x {opts.seq} tokens, "
-          f"{opts.device}{', gradient checkpointing' if opts.gc else ''}\n")
+    print(f"\n## memory and time of a LoRA (r 16) training step, batch {opts.batch} x {opts.seq} tokens (loss on "
+          f"the second half), {opts.device}{', gradient checkpointing' if opts.gc else ''}"
+          f"{', full logits' if opts.full_logits else ', logits at supervised positions'}\n")
     print("| shape | storage | params | linear weights MiB (x float32) | base weights MiB | peak step MiB "
           "(x float32) | s/step |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -203,7 +212,8 @@ def run_memory(opts: argparse.Namespace) -> list[dict[str, Any]]:
         for storage in opts.storages.split(","):
             argv = ["memory", "--shape", shape, "--storage", storage, "--device", opts.device, "--compute",
                     opts.compute, "--seq", str(opts.seq), "--batch", str(opts.batch),
-                    "--timed-steps", str(opts.timed_steps)] + (["--gc"] if opts.gc else [])
+                    "--timed-steps", str(opts.timed_steps)] + (["--gc"] if opts.gc else []) + (
+                    ["--full-logits"] if opts.full_logits else [])
             row = _run_worker(argv)
             if row is None:
                 continue
@@ -256,6 +266,8 @@ def parser(device: str = "cpu", compute: str = "float32") -> argparse.ArgumentPa
     p.add_argument("--batch", type=int, default=None, help="rows per step (memory: 1, quality: 4)")
     p.add_argument("--timed-steps", type=int, default=1, help="memory: steps timed after the first")
     p.add_argument("--gc", action="store_true", help="memory: gradient checkpointing")
+    p.add_argument("--full-logits", action="store_true", help="memory: compute the output layer at every position "
+                   "(a plain transformers step) instead of deltatune's supervised positions only")
     p.add_argument("--steps", type=int, default=100, help="quality: optimizer steps")
     p.add_argument("--max-length", type=int, default=512, help="quality: data.max_length")
     # worker-only

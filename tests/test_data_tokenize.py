@@ -323,3 +323,44 @@ def test_packed_row_equals_each_example_alone(tok: Any, attn: str) -> None:
             bool_logits = model(input_ids=as_bool["input_ids"], attention_mask=as_bool["attention_mask"],
                                 position_ids=as_bool["position_ids"]).logits[0]
             assert (bool_logits - packed).abs().max().item() < 1e-4
+
+
+def test_packed_attention_equals_the_block_mask_and_leaves_padded_batches_alone(tok: Any) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from deltatune.train.attention import enable_packed_attention, packed_attention_enabled, restore_sdpa
+    from deltatune.train.loss import causal_lm_loss_sum
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tok))
+    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
+    examples = [chat(("user", "Hi"), ("assistant", "Hello there, friend.")),
+                chat(("user", "What is the capital of France?"), ("assistant", "Paris.")),
+                Example("t:3", text="Packed rows must not leak attention across examples.")]
+    kept, _ = causal(examples, tok)
+    masked = collate(kept, mode="pack", pad_id=tok.pad_token_id, task="causal_lm")
+    padded = collate(kept, mode="pad", pad_id=tok.pad_token_id, task="causal_lm")
+    runs = {}
+    for name in ("block mask", "packed attention"):
+        if name == "packed attention":
+            assert enable_packed_attention(model) and packed_attention_enabled(model)
+        batch = collate(kept, mode="pack", pad_id=tok.pad_token_id, task="causal_lm",
+                        block_mask=name == "block mask")
+        assert ("attention_mask" in batch) == (name == "block mask")
+        model.zero_grad()
+        loss, _ = causal_lm_loss_sum(model, batch)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        with torch.no_grad():
+            pad_logits = model(**{k: padded[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits
+        runs[name] = (loss.detach(), grads, pad_logits)
+    (la, ga, pa), (lb, gb, pb) = runs["block mask"], runs["packed attention"]
+    assert torch.allclose(la, lb, atol=1e-4, rtol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ga, gb, strict=True))
+    assert torch.allclose(pa, pb, atol=1e-5)  # padded batches take sdpa with its usual mask
+    assert masked["attention_mask"].shape[-1] == int(masked["seq_lens"].sum())
+    restore_sdpa(model)
+    assert not packed_attention_enabled(model)
+    eager = LlamaForCausalLM._from_config(config, attn_implementation="eager")
+    assert not enable_packed_attention(eager)  # only sdpa models switch

@@ -33,11 +33,13 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_writes_a_complete_run_and_lowers_eval_loss(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_train_writes_a_complete_run_and_lowers_eval_loss(tiny_llama_dir: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     data = write_chat_data(tmp_path / "d.jsonl")
     out = tmp_path / "run"
     assert main(train_args(tiny_llama_dir, data, out, "train.max_steps=30", "train.lr=1e-2",
                            "data.eval=0.25", "train.eval_every=10")) == 0
+    assert "attention: packed rows attend per example" in capsys.readouterr().out
     for name in ("adapter_config.json", "adapter_model.safetensors", "README.md", "run.yaml", "metrics.jsonl"):
         assert (out / name).is_file(), name
     assert (out / "checkpoints" / "step-000030" / "state.json").is_file()
@@ -221,3 +223,14 @@ def test_diff_pruning_gates_train_at_their_own_rate_and_freeze_after_pruning(tin
             m.diff.add_(1.0)
     method.after_step(model, 5, 10)
     assert sum(int(m.diff.count_nonzero()) for m in layers.values()) <= kept
+
+
+def test_prompt_methods_keep_the_block_mask() -> None:
+    from deltatune.config import config_from_dict
+    from deltatune.methods import build_method
+
+    def method(section: object) -> bool:
+        return build_method(config_from_dict({"method": section}).method).packed_attention
+
+    assert method({"name": "lora"}) and method([{"name": "lora"}, {"name": "bitfit"}])
+    assert not method({"name": "prefix_tuning"}) and not method([{"name": "lora"}, {"name": "prompt_tuning"}])

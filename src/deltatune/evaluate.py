@@ -10,6 +10,7 @@ from torch import nn
 
 from deltatune.data import Example, TokenizedExample, collate
 from deltatune.infer.generate import generate
+from deltatune.train.attention import packed_attention_enabled
 from deltatune.train.loss import causal_lm_loss_sum, classification_loss_sum
 
 
@@ -30,7 +31,8 @@ def eval_loss(
     total, count, correct = 0.0, 0, 0
     try:
         for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start:start + batch_size], mode=mode, pad_id=pad_id, task=task)
+            batch = collate(examples[start:start + batch_size], mode=mode, pad_id=pad_id, task=task,
+                            block_mask=not packed_attention_enabled(model))
             batch = {k: v.to(device) for k, v in batch.items()}
             if task == "classification":
                 loss, n, ok = classification_loss_sum(model, batch)

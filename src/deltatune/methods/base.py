@@ -30,6 +30,9 @@ class Method(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
     mergeable: ClassVar[bool] = False
+    packed_attention: ClassVar[bool] = True
+    """False for methods that put keys/values before the input (prompt methods): a packed row then needs
+    the block mask, since every example must also see those columns."""
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config

@@ -78,6 +78,7 @@ class ComposeMethod(Method):
     def __init__(self, config: MethodConfig) -> None:
         super().__init__(config)
         self.parts = [build_method(c) for c in self.config.methods]
+        self.packed_attention = all(p.packed_attention for p in self.parts)  # type: ignore[misc]
 
     def attach(self, model: nn.Module) -> nn.Module:
         """Attach every method in order; the union of what each trains stays trainable. Returns the model."""

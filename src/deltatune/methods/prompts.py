@@ -149,6 +149,7 @@ class _PromptMethod(Method):
 
     kind: ClassVar[Kind]
     peft_type: ClassVar[str]
+    packed_attention = False
 
     def build_encoder(self, model: nn.Module) -> nn.Module:
         """Return the freshly initialised trainable encoder for ``model``."""

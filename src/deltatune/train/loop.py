@@ -31,6 +31,7 @@ from deltatune.errors import DeltatuneError
 from deltatune.evaluate import eval_loss, exact_match
 from deltatune.methods import build_method, head_names, trainable_parameters
 from deltatune.models import load_model, prepare_for_training
+from deltatune.train.attention import enable_packed_attention
 from deltatune.train.card import model_card, summarize_parameters
 from deltatune.train.checkpoint import (
     TrainState,
@@ -89,6 +90,7 @@ class TrainResult:
     train_seconds: float = 0.0  # the step loop alone (no loading, no eval)
     trainable_params: int = 0
     total_params: int = 0
+    train_tokens: int = 0  # non-padding tokens the step loop of this call processed (since a resume)
 
 
 def _say(text: str) -> None:
@@ -127,6 +129,8 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Tra
 def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> TrainResult:
     started = time.perf_counter()
     say = _say if ctx.is_main else _quiet
+    if cfg.train.max_seconds and ctx.enabled:  # each rank's clock would stop it at a different step
+        raise DeltatuneError("train.max_seconds works in a single process only; under torchrun set train.max_steps")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     # the user's data is read and checked before output.overwrite may clear an old run
@@ -161,6 +165,8 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> Tr
 
     t = cfg.train
     mode = cfg.data.batching if data.task == "causal_lm" else ("pad" if cfg.data.batching == "pad" else "bucket")
+    if mode == "pack" and data.task == "causal_lm" and method.packed_attention and enable_packed_attention(model):
+        say("attention: packed rows attend per example (no block mask)")
     lengths = [len(ex.input_ids) for ex in train_set]
     per_step = t.grad_accum * ctx.world  # micro-batches per optimizer step, over all ranks
     micro_per_epoch = math.ceil(len(train_set) / t.batch_size)
@@ -245,14 +251,16 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> Tr
         result.generation_start = generations(0, "before training")
 
     loop_started = time.perf_counter()
+    deadline = loop_started + t.max_seconds if t.max_seconds else math.inf
+    tokens_before = state.tokens_seen
     bar = Progress(total_steps, state.step, enabled=progress and ctx.is_main)
     model.train()
     run = StepRun(model, inner, method, train_set, mode, pad_id, data.task, device, t, params, optimizer, ctx)
     last_loss: float | None = None
     try:
-        while state.step < total_steps:
+        while state.step < total_steps and time.perf_counter() < deadline:
             plan = plan_batches(lengths, batch_size=t.batch_size, mode=mode, seed=t.seed, epoch=state.epoch)
-            while state.cursor < len(plan) and state.step < total_steps:
+            while state.cursor < len(plan) and state.step < total_steps and time.perf_counter() < deadline:
                 group = plan[state.cursor:state.cursor + per_step]
                 share = step_share(group, ctx.rank, ctx.world) if ctx.enabled else [(idx, True) for idx in group]
                 last_loss, tokens, grad_norm = _step(run, share)
@@ -287,6 +295,9 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> Tr
                           "continue with the same command and --resume") from None
     bar.close()
     result.train_seconds = time.perf_counter() - loop_started
+    result.train_tokens = state.tokens_seen - tokens_before
+    if state.step < total_steps:
+        say(f"time budget train.max_seconds={t.max_seconds:g} used up: stopped after step {state.step} of {total_steps}")
     model.eval()
     checkpoint()
     method.finalize(inner)

@@ -9,10 +9,13 @@ tensor), so the loss is the same number at a fraction of the cost.
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from deltatune.train.attention import varlen_kwargs
 
 IGNORE = -100
 
@@ -22,10 +25,14 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Return the tensors of a collated batch that the model's forward takes."""
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Return the model's forward arguments for a collated batch: its tensors, and for a packed row
+    without a block mask the example boundaries that packed attention reads (train/attention.py)."""
     keys = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
-    return {k: batch[k] for k in keys if k in batch}
+    inputs: dict[str, Any] = {k: batch[k] for k in keys if k in batch}
+    if "seq_lens" in batch and "attention_mask" not in batch:
+        inputs.update(varlen_kwargs(batch["seq_lens"]))
+    return inputs
 
 
 def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], sparse_logits: bool = True

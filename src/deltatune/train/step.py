@@ -14,6 +14,7 @@ import torch
 
 from deltatune.data import TokenizedExample, collate
 from deltatune.methods import Method
+from deltatune.train.attention import packed_attention_enabled
 from deltatune.train.distributed import DistContext, as_float, micro_batch
 from deltatune.train.loss import loss_sum
 
@@ -40,8 +41,9 @@ def run_step(run: StepRun, share: list[tuple[list[int], bool]]) -> tuple[float, 
     """Run one optimizer step over this rank's micro-batches ``share`` (``(indices, real)`` pairs; a pass
     that is not real has weight 0); return (loss, tokens, grad norm) of the whole step, over every rank."""
     ctx = run.ctx
-    batches = [collate([run.dataset[i] for i in idx], mode=run.mode, pad_id=run.pad_id, task=run.task)
-               for idx, _ in share]
+    block_mask = not packed_attention_enabled(run.inner)
+    batches = [collate([run.dataset[i] for i in idx], mode=run.mode, pad_id=run.pad_id, task=run.task,
+                       block_mask=block_mask) for idx, _ in share]
     real = [r for _, r in share]
     counts = [sum(int(b["num_supervised"]) for b, r in zip(batches, real, strict=True) if r),
               sum(int(b["num_tokens"]) for b, r in zip(batches, real, strict=True) if r)]
@@ -73,7 +75,8 @@ def run_step(run: StepRun, share: list[tuple[list[int], bool]]) -> tuple[float, 
 def probe_loss(model: torch.nn.Module, method: Method, example: TokenizedExample, mode: str, pad_id: int,
                 task: str, device: torch.device) -> torch.Tensor:
     """Return the loss of one example (with the method's penalty): DDP's probe for unused parameters."""
-    batch = {k: v.to(device) for k, v in collate([example], mode=mode, pad_id=pad_id, task=task).items()}
+    batch = collate([example], mode=mode, pad_id=pad_id, task=task, block_mask=not packed_attention_enabled(model))
+    batch = {k: v.to(device) for k, v in batch.items()}
     loss, _ = loss_sum(model, batch, task)
     reg = method.regularization(model)
     return loss if reg is None else loss + reg

@@ -1,0 +1,100 @@
+"""Attention for packed rows that computes each example's own causal attention and nothing else.
+
+A packed row of T tokens holding examples of lengths L1..Lk needs only sum(Li^2)/2 attention scores, but
+a (T, T) block-diagonal mask makes the attention kernel compute all T^2 of them and keeps a T x T mask
+per step; with 8 alpaca examples per row that is ~8x the useful attention work, and a float mask also
+rules out the fused (flash) CPU kernel. ``deltatune_varlen`` is an attention function registered with
+transformers: when the forward receives ``cu_seq_lens_q`` (the row's example boundaries, the same
+keyword flash-attention's variable-length path takes), it runs ``scaled_dot_product_attention`` with
+``is_causal=True`` on each example's slice, which takes the fused kernel and no mask. Without that keyword
+(padded batches, eval, generation) it is transformers' own sdpa attention with the usual masks, so a
+model switched to it behaves exactly as before everywhere else.
+
+Measured on SmolLM2-135M + LoRA r16, 8 alpaca examples per packed row (about 1,500 tokens), 2 CPU threads:
+about 1.6x the tokens/s of the same row under a 4D block mask, with the same loss.
+
+    if enable_packed_attention(model):                    # sdpa models of the AttentionInterface family
+        batch = collate(examples, mode="pack", block_mask=False, ...)   # cu_seq_lens instead of a mask
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NAME = "deltatune_varlen"
+_registered = False
+
+
+def _varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention over (B, H, T, D) tensors; returns ((B, T, H, D) output, None) as transformers expects."""
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None or query.shape[2] != key.shape[2]:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError("packed attention expects one packed row per micro-batch")
+    gqa = query.shape[1] != key.shape[1]
+    cuts = bounds.tolist()
+    parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
+                                            is_causal=True, scale=scaling, enable_gqa=gqa)
+             for s, e in itertools.pairwise(cuts) if e > s]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, _varlen_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # padded batches get sdpa's usual masks
+    _registered = True
+
+
+def enable_packed_attention(model: nn.Module) -> bool:
+    """Switch a causal LM that runs transformers' sdpa attention to ``deltatune_varlen``; return True when
+    the model now takes packed rows as ``cu_seq_lens`` (no block mask), False when it keeps its attention
+    (eager or custom attention, models outside transformers)."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current == NAME:
+        return True
+    if current != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return False
+    _register()
+    try:
+        model.set_attn_implementation(NAME)
+    except (ValueError, KeyError, ImportError):
+        return False
+    return getattr(model.config, "_attn_implementation", None) == NAME
+
+
+def packed_attention_enabled(model: nn.Module) -> bool:
+    """Return True if ``model`` runs ``deltatune_varlen`` attention (packed rows need no block mask)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME
+
+
+def restore_sdpa(model: nn.Module) -> None:
+    """Put transformers' sdpa attention back (before saving a model or handing it to another library)."""
+    if packed_attention_enabled(model):
+        model.set_attn_implementation("sdpa")
+
+
+def varlen_kwargs(seq_lens: torch.Tensor) -> dict[str, Any]:
+    """Return the forward keywords that describe a packed row of examples of lengths ``seq_lens``."""
+    cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32, device=seq_lens.device)
+    cu[1:] = seq_lens.cumsum(0)
+    longest = int(seq_lens.max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
