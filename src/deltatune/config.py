@@ -127,6 +127,9 @@ class TrainConfig(Section):
     """Passes over the training data (fractions allowed); ignored when max_steps is set."""
     max_steps: int | None = Field(default=None, ge=1)
     """Stop after this many optimizer steps."""
+    max_seconds: float | None = Field(default=None, gt=0)
+    """A wall-clock budget for the step loop: stop after the step during which it runs out (the schedule is
+    still computed on max_steps or epochs; after a resume the budget counts from the resume)."""
     batch_size: int = Field(default=8, ge=1)
     """Examples per micro-batch."""
     grad_accum: int = Field(default=1, ge=1)

@@ -258,9 +258,9 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> Tr
     run = StepRun(model, inner, method, train_set, mode, pad_id, data.task, device, t, params, optimizer, ctx)
     last_loss: float | None = None
     try:
-        while state.step < total_steps and time.perf_counter() < deadline:
+        while state.step < total_steps:
             plan = plan_batches(lengths, batch_size=t.batch_size, mode=mode, seed=t.seed, epoch=state.epoch)
-            while state.cursor < len(plan) and state.step < total_steps and time.perf_counter() < deadline:
+            while state.cursor < len(plan) and state.step < total_steps:
                 group = plan[state.cursor:state.cursor + per_step]
                 share = step_share(group, ctx.rank, ctx.world) if ctx.enabled else [(idx, True) for idx in group]
                 last_loss, tokens, grad_norm = _step(run, share)
@@ -280,8 +280,12 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> Tr
                         bar.write(f"step {state.step}: " + _fmt(figures))
                 if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:
                     checkpoint()
+                if time.perf_counter() >= deadline:  # train.max_seconds: stop after the step that used it up
+                    break
             if state.cursor >= len(plan):
                 state.epoch, state.cursor = state.epoch + 1, 0
+            if time.perf_counter() >= deadline:
+                break
     except KeyboardInterrupt:
         optimizer.zero_grad(set_to_none=True)
         bar.close()
