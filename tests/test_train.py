@@ -184,14 +184,16 @@ def test_learning_rates_follow_the_method_the_head_and_the_gates() -> None:
     from deltatune.train.optim import build_optimizer, peak_learning_rates
 
     cfg = load_config(None, ["method.name=prompt_tuning"])
-    assert peak_learning_rates(cfg.train, cfg.method, "causal_lm") == (3e-2, HEAD_LR)
-    assert peak_learning_rates(cfg.train, cfg.method, "classification") == (3e-1, HEAD_LR)
+    assert peak_learning_rates(cfg.train, cfg.method, "causal_lm") == (3e-2, 3e-2)
+    assert peak_learning_rates(cfg.train, cfg.method, "classification") == (3e-1, 3e-1)
+    cfg = load_config(None, ["method.name=full"])  # the head never trains slower than HEAD_LR by default
+    assert peak_learning_rates(cfg.train, cfg.method, "classification") == (1e-4, HEAD_LR)
     cfg = load_config(None, ["method.name=lora", "train.lr=5e-4"])  # an explicit rate also drives the head
     assert peak_learning_rates(cfg.train, cfg.method, "classification") == (5e-4, 5e-4)
     cfg = load_config(None, ["train.lr=5e-4", "train.head_lr=2e-3"])
     assert peak_learning_rates(cfg.train, cfg.method, "classification") == (5e-4, 2e-3)
     composed = config_from_dict({"method": [{"name": "ia3"}, {"name": "bitfit"}]})  # the first method's rate
-    assert peak_learning_rates(composed.train, composed.method, "causal_lm") == (3e-3, HEAD_LR)
+    assert peak_learning_rates(composed.train, composed.method, "causal_lm") == (3e-3, 3e-3)
     params = {"w": torch.nn.Parameter(torch.zeros(2, 2)), "b": torch.nn.Parameter(torch.zeros(2)),
               "head.weight": torch.nn.Parameter(torch.zeros(2, 2))}
     opt = build_optimizer(params, cfg.train.model_copy(update={"weight_decay": 0.1}), 5e-4, {"head.weight": 2e-3})

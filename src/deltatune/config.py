@@ -119,7 +119,8 @@ class MethodConfig(Section):
 
 
 HEAD_LR = 1e-3
-"""The learning rate of a classifier's fresh head when neither ``train.head_lr`` nor ``train.lr`` is set."""
+"""The smallest learning rate of a classifier's fresh head when neither ``train.head_lr`` nor ``train.lr`` is
+set (the method's own default when larger)."""
 
 
 class TrainConfig(Section):
@@ -138,7 +139,8 @@ class TrainConfig(Section):
     """Peak learning rate; null: the method's recommended rate (README, methods table; e.g. lora 2e-4 on a
     causal LM, 1e-3 on a classifier; prompt_tuning 3e-2 / 3e-1)."""
     head_lr: float | None = Field(default=None, gt=0)
-    """Classifiers: peak learning rate of the fresh classification head; null: train.lr when set, else 1e-3."""
+    """Classifiers: peak learning rate of the fresh classification head; null: train.lr when set, else the
+    method's default rate but at least 1e-3."""
     weight_decay: float = Field(default=0.0, ge=0)
     """AdamW weight decay."""
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"

@@ -108,10 +108,10 @@ class LoraLinear(nn.Module):
             return y
         a = self.lora_A.weight
         xd = self.lora_dropout(x.to(a.dtype))
-        update = self.lora_B(self.lora_A(xd)) * self.scaling
         m = self.lora_magnitude_vector
-        if m is None:
-            return y + update.to(y.dtype)
+        if m is None:  # y + s * B(A x) in one op: no separate (tokens x out) product tensor
+            return torch.add(y, self.lora_B(self.lora_A(xd)).to(y.dtype), alpha=self.scaling)
+        update = self.lora_B(self.lora_A(xd)) * self.scaling
         scale = m / self._weight_norm(self.delta_weight().detach()).detach()  # (out,)
         if isinstance(self.lora_dropout, nn.Identity):
             bias = self.base_layer.bias

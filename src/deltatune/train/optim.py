@@ -41,9 +41,10 @@ def resolve_optimizer(name: str, device: torch.device) -> str:
 
 def peak_learning_rates(train: TrainConfig, method: MethodConfig, task: str) -> tuple[float, float]:
     """Return ``(lr, head_lr)``: ``train.lr`` or the method's recommended rate for ``task``, and the rate of
-    a classifier's fresh head (``train.head_lr``, else ``train.lr`` when set, else ``HEAD_LR``)."""
+    a classifier's fresh head (``train.head_lr``, else ``train.lr`` when set, else the method's rate but at
+    least ``HEAD_LR``: a fresh head learns from scratch, even beside a method whose own rate is small)."""
     lr = train.lr if train.lr is not None else method.default_lr(task)
-    head_lr = train.head_lr or train.lr or HEAD_LR
+    head_lr = train.head_lr or train.lr or max(lr, HEAD_LR)
     return lr, head_lr
 
 
