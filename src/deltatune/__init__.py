@@ -47,6 +47,14 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Any
     return _train(cfg, resume=resume, progress=progress)
 
 
+def compare_methods(path: Any, overrides: list[str] | None = None, **options: Any) -> Any:
+    """Train several methods on the same data and budget, each in its own process, and write report.md,
+    results.json and charts; return the CompareResult (see ``deltatune.compare.compare`` for the options)."""
+    from deltatune.compare import compare
+
+    return compare(path, overrides, **options)
+
+
 __all__ = [
     "ConfigError",
     "DataError",
@@ -58,6 +66,7 @@ __all__ = [
     "ModelConfig",
     "RunConfig",
     "attach",
+    "compare_methods",
     "config_from_dict",
     "dump_config",
     "load_config",

@@ -7,6 +7,7 @@ one or two lines and exit with code 2.
     deltatune generate runs/demo "Write this date in ISO 8601 format: 5 May 2021"
     deltatune chat runs/demo
     deltatune merge runs/demo merged/
+    deltatune compare run.yaml --methods lora,ia3,bitfit train.max_steps=50
     deltatune hosted submit train.jsonl --provider openai --model gpt-4o-mini-2024-07-18
 """
 
@@ -73,6 +74,22 @@ def _launch_torchrun(nproc: int, config: str | None, overrides: list[str], args:
            "-m", "deltatune", "train", *argv]
     print("launching: torchrun " + " ".join(cmd[3:]), flush=True)
     return subprocess.call(cmd)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Train several methods on the same data and budget, each in its own process; write the report.
+    Exit 0 when at least one method finished, 1 when none did."""
+    from deltatune.compare import compare
+
+    config, overrides = _config_and_overrides(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
+    result = compare(config, overrides, methods=methods, out=args.out, fresh=args.fresh, verbose=args.verbose)
+    print(f"report: {result.report}; figures: {result.results}"
+          + (f"; charts: {', '.join(p.name for p in result.plots)}" if result.plots else ""))
+    if result.failed:
+        print(f"failed: {', '.join(result.failed)} (the error of each is in the report; logs in "
+              f"{result.out / 'logs'}/)", file=sys.stderr)
+    return 0 if result.finished else 1
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -371,6 +388,12 @@ class _Parser(argparse.ArgumentParser):
         return super().format_help()
 
 
+def _compare_all_help() -> str:
+    from deltatune.compare.settings import ALL_HELP
+
+    return ALL_HELP
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser with every command."""
     parser = _Parser(prog="deltatune", description="Fine-tune pre-trained language models.")
@@ -389,6 +412,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "`torchrun --standalone --nproc-per-node N -m deltatune train ...`; for several hosts "
                         "run torchrun yourself (README: Several GPUs and hosts)")
     p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("compare", help="train several methods on the same data and budget; report and charts",
+                       description="Train each method in its own process on the same data, example order and "
+                                   "budget, and write report.md, results.json and PNG charts into the output "
+                                   "folder. Running the same command again skips finished methods and resumes "
+                                   "an interrupted one. The compare file is a run config with an optional "
+                                   "`compare:` section (README: Comparing methods).")
+    p.add_argument("config", nargs="?", help="run config YAML with an optional compare: section")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50 "
+                                                "compare.overrides.lora.method.r=16")
+    p.add_argument("--methods", metavar="LIST", help="comma-separated methods, or all (default: compare.methods, "
+                                                    "else all); " + _compare_all_help())
+    p.add_argument("-o", "--out", help="output folder (default: output.dir of the file, else runs/compare)")
+    p.add_argument("--fresh", action="store_true", help="train every method again, ignoring earlier results")
+    p.add_argument("--verbose", action="store_true", help="show each method's training output (always in "
+                                                          "<out>/logs/<method>.log)")
+    p.set_defaults(handler=cmd_compare)
 
     p = sub.add_parser("config", help="print the full default config (or a resolved one) as YAML")
     p.add_argument("config", nargs="?", help="a YAML config to resolve")

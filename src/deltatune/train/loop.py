@@ -301,7 +301,8 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> Tr
     result.train_seconds = time.perf_counter() - loop_started
     result.train_tokens = state.tokens_seen - tokens_before
     if state.step < total_steps:
-        say(f"time budget train.max_seconds={t.max_seconds:g} used up: stopped after step {state.step} of {total_steps}")
+        say(f"time budget train.max_seconds={t.max_seconds:g} used up: stopped after step {state.step} of "
+            f"{total_steps}")
     model.eval()
     checkpoint()
     method.finalize(inner)
