@@ -140,8 +140,9 @@ def verdict(plan: ComparePlan, records: list[dict[str, Any]]) -> list[str]:
         if column is None:
             return
         _, names = best_of(records, column)
-        if len(finished) == 1 and column.best and column.value(finished[0]) is not None:
-            names = [finished[0]["method"]]
+        having = [r for r in finished if column.value(r) is not None]
+        if len(having) == 1:  # one method has the figure (one finished, or the others lack it): it is the best
+            names = [having[0]["method"]]
         if names:
             first = next(r for r in finished if r["method"] == names[0])
             lines.append(f"- {label}: {' and '.join(names)} ({show(first)})")
@@ -155,7 +156,7 @@ def verdict(plan: ComparePlan, records: list[dict[str, Any]]) -> list[str]:
     line("smallest delta", by_header["delta size"], lambda r: fmt_bytes(r["delta_bytes"]))
     line("fastest training", by_header["tokens/s"], lambda r: f"{r['tokens_per_s']:,.0f} tokens/s")
     line("least memory", by_header[mem_header], lambda r: f"{by_header[mem_header].value(r):,.0f} MB")
-    fastest = Column("inference", _fastest_latency, lambda r: "", "min")
+    fastest = Column("inference", _fastest_latency, lambda r: f"{_fastest_latency(r):.3g}", "min")
     unit = next(((r.get("latency") or {}).get("unit") for r in finished), "ms per token")
     line("fastest inference", fastest, lambda r: f"{_fastest_latency(r):.3g} {unit}"
          + (" merged" if (r.get("latency") or {}).get("merged_ms") == _fastest_latency(r) else ""))
