@@ -32,6 +32,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 
 bench: $(STAMP)
+	$(BIN)/python bench/speed.py
 	$(BIN)/python bench/alpaca_lora.py
 
 clean:
