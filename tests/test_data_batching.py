@@ -123,3 +123,12 @@ def test_bad_arguments() -> None:
         plan_batches([1], batch_size=1, mode="sorted", seed=0, epoch=0)
     with pytest.raises(ValueError, match="at least one"):
         collate([], mode="pad", pad_id=0, task="causal_lm")
+
+
+def test_split_by_tokens_keeps_order_and_bounds_each_pass() -> None:
+    from deltatune.data import split_by_tokens
+
+    lengths = {7: 300, 2: 500, 9: 200, 4: 1500, 5: 100}
+    assert split_by_tokens([7, 2, 9, 4, 5], lengths, 1024) == [[7, 2, 9], [4], [5]]
+    assert split_by_tokens([7, 2, 9, 4, 5], lengths, None) == [[7, 2, 9, 4, 5]]
+    assert split_by_tokens([7, 2], lengths, 100) == [[7], [2]]  # an example longer than the cap runs alone

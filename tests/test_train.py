@@ -236,3 +236,15 @@ def test_prompt_methods_keep_the_block_mask() -> None:
 
     assert method({"name": "lora"}) and method([{"name": "lora"}, {"name": "bitfit"}])
     assert not method({"name": "prefix_tuning"}) and not method([{"name": "lora"}, {"name": "prompt_tuning"}])
+
+
+def test_passes_capped_by_tokens_give_the_same_update(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    data = write_chat_data(tmp_path / "d.jsonl", n=16)
+    common = ("train.max_steps=2", "data.eval=null", "train.lr=1e-3", "train.batch_size=8")
+    one, capped = tmp_path / "one", tmp_path / "capped"
+    assert main(train_args(tiny_llama_dir, data, one, *common, "train.pass_tokens=null")) == 0
+    assert main(train_args(tiny_llama_dir, data, capped, *common, "train.pass_tokens=40")) == 0  # ~2 examples
+    a, b = load_file(one / "adapter_model.safetensors"), load_file(capped / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)  # float summation order only
+    assert [m["tokens"] for m in metrics(one)] == [m["tokens"] for m in metrics(capped)]
+    assert [m["loss"] for m in metrics(one)] == pytest.approx([m["loss"] for m in metrics(capped)], rel=1e-6)

@@ -16,7 +16,7 @@ prompt_completion, classification, text), ``chat`` (template rendering and super
 
 from __future__ import annotations
 
-from deltatune.data.batching import block_causal_mask, collate, padding_waste, plan_batches
+from deltatune.data.batching import block_causal_mask, collate, padding_waste, plan_batches, split_by_tokens
 from deltatune.data.formats import FORMATS, Example, Message, detect_format, to_example, to_examples
 from deltatune.data.sources import SUPPORTED, read_records
 from deltatune.data.tokenize import (
@@ -59,6 +59,7 @@ __all__ = [
     "padding_waste",
     "plan_batches",
     "read_records",
+    "split_by_tokens",
     "to_example",
     "to_examples",
     "tokenize_examples",

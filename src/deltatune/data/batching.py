@@ -19,7 +19,7 @@ models alike (torch's sdpa takes a bool, float32 or query-dtype mask; checked on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -54,6 +54,24 @@ def plan_batches(lengths: Sequence[int], *, batch_size: int, mode: str, seed: in
     if mode == "bucket":
         batches = [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
     return batches
+
+
+def split_by_tokens(indices: Sequence[int], lengths: Sequence[int] | Mapping[int, int], max_tokens: int | None
+                    ) -> list[list[int]]:
+    """Cut a micro-batch's example ``indices`` (in order) into consecutive runs of at most ``max_tokens``
+    tokens each; an example longer than that is a run of its own. ``None``: one run. Returns the runs."""
+    if max_tokens is None:
+        return [list(indices)]
+    runs: list[list[int]] = []
+    used = 0
+    for i in indices:
+        if runs and used + lengths[i] <= max_tokens:
+            runs[-1].append(i)
+            used += lengths[i]
+        else:
+            runs.append([i])
+            used = lengths[i]
+    return runs
 
 
 def padding_waste(lengths: Sequence[int], batches: Sequence[Sequence[int]], mode: str) -> float:

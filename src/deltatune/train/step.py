@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from deltatune.data import TokenizedExample, collate
+from deltatune.data import TokenizedExample, collate, split_by_tokens
 from deltatune.methods import Method
 from deltatune.train.attention import packed_attention_enabled
 from deltatune.train.distributed import DistContext, as_float, micro_batch
@@ -41,6 +41,9 @@ def run_step(run: StepRun, share: list[tuple[list[int], bool]]) -> tuple[float, 
     """Run one optimizer step over this rank's micro-batches ``share`` (``(indices, real)`` pairs; a pass
     that is not real has weight 0); return (loss, tokens, grad norm) of the whole step, over every rank."""
     ctx = run.ctx
+    if run.mode == "pack" and run.task == "causal_lm":  # long packed rows run as several bounded passes
+        lengths = {i: len(run.dataset[i].input_ids) for idx, _ in share for i in idx}
+        share = [(part, real) for idx, real in share for part in split_by_tokens(idx, lengths, run.t.pass_tokens)]
     block_mask = not packed_attention_enabled(run.inner)
     batches = [collate([run.dataset[i] for i in idx], mode=run.mode, pad_id=run.pad_id, task=run.task,
                        block_mask=block_mask) for idx, _ in share]
