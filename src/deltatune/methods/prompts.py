@@ -71,7 +71,7 @@ class PromptTuningConfig(MethodConfig):
 
 
 class PTuningConfig(MethodConfig):
-    recommended_lr: ClassVar[tuple[float, float]] = (1e-3, 1e-2)
+    recommended_lr: ClassVar[tuple[float, float]] = (1e-3, 3e-2)
     name: Literal["p_tuning"] = "p_tuning"
     """The fine-tuning method."""
     num_virtual_tokens: int = Field(default=20, ge=1, le=4096)

@@ -71,7 +71,7 @@ class DiffPruningConfig(MethodConfig):
     """Weight of the expected-L0 penalty added to the loss (the paper's lambda)."""
     init_log_alpha: float = 5.0
     """Initial gate logit: high values start with every gate open."""
-    gate_lr: float = Field(default=0.1, gt=0)
+    gate_lr: float = Field(default=0.01, gt=0)
     """Peak learning rate of the gate logits (the diff itself trains at train.lr)."""
     prune_at: float = Field(default=0.7, gt=0, le=1)
     """Fraction of the steps after which the diff is pruned to `sparsity`; the kept entries then train
