@@ -62,7 +62,7 @@ OPEN_GATE = 100.0  # log_alpha at which the eval gate is exactly 1 in float32
 
 
 class DiffPruningConfig(MethodConfig):
-    recommended_lr: ClassVar[tuple[float, float]] = (1e-4, 2e-4)
+    recommended_lr: ClassVar[tuple[float, float]] = (1e-4, 1e-4)
     name: Literal["diff_pruning"] = "diff_pruning"
     """The fine-tuning method."""
     sparsity: float = Field(default=0.995, ge=0.0, lt=1.0)
@@ -73,7 +73,7 @@ class DiffPruningConfig(MethodConfig):
     """Initial gate logit: high values start with every gate open."""
     gate_lr: float = Field(default=0.01, gt=0)
     """Peak learning rate of the gate logits (the diff itself trains at train.lr)."""
-    prune_at: float = Field(default=0.7, gt=0, le=1)
+    prune_at: float = Field(default=0.5, gt=0, le=1)
     """Fraction of the steps after which the diff is pruned to `sparsity`; the kept entries then train
     under the fixed mask for the rest (1.0: prune only at the end)."""
     targets: str | list[str] = "all-linear"
