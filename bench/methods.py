@@ -19,22 +19,22 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 OUT = Path("runs/bench-methods")
 
-# (method section, learning rate): the usual learning rates of each method's paper / peft examples,
-# scaled for these short runs
-METHODS: dict[str, tuple[dict, float]] = {
-    "full": ({"name": "full"}, 2e-5),
-    "freeze": ({"name": "freeze", "layers": 2}, 1e-4),
-    "bitfit": ({"name": "bitfit"}, 1e-3),
-    "diff_pruning": ({"name": "diff_pruning"}, 1e-3),
-    "pafi": ({"name": "pafi"}, 1e-3),
-    "prompt_tuning": ({"name": "prompt_tuning", "num_virtual_tokens": 20}, 3e-2),
-    "p_tuning": ({"name": "p_tuning", "num_virtual_tokens": 20}, 1e-3),
-    "prefix_tuning": ({"name": "prefix_tuning", "num_virtual_tokens": 20}, 1e-2),
-    "adapter": ({"name": "adapter", "variant": "houlsby"}, 1e-3),
-    "ia3": ({"name": "ia3"}, 3e-3),
-    "hiwi": ({"name": "hiwi"}, 1e-3),
-    "lora": ({"name": "lora", "r": 8, "alpha": 16}, 2e-4),
-    "dora": ({"name": "lora", "r": 8, "alpha": 16, "use_dora": True}, 2e-4),
+# each method's section; train.lr is left unset, so every method trains at its documented default rate
+# (the README's methods table: MethodConfig.recommended_lr), as `deltatune compare` does
+METHODS: dict[str, dict] = {
+    "full": {"name": "full"},
+    "freeze": {"name": "freeze", "layers": 2},
+    "bitfit": {"name": "bitfit"},
+    "diff_pruning": {"name": "diff_pruning"},
+    "pafi": {"name": "pafi"},
+    "prompt_tuning": {"name": "prompt_tuning", "num_virtual_tokens": 20},
+    "p_tuning": {"name": "p_tuning", "num_virtual_tokens": 20},
+    "prefix_tuning": {"name": "prefix_tuning", "num_virtual_tokens": 20},
+    "adapter": {"name": "adapter", "variant": "houlsby"},
+    "ia3": {"name": "ia3"},
+    "hiwi": {"name": "hiwi"},
+    "lora": {"name": "lora", "r": 8, "alpha": 16},
+    "dora": {"name": "lora", "r": 8, "alpha": 16, "use_dora": True},
 }
 
 BUDGETS = {
@@ -43,7 +43,6 @@ BUDGETS = {
     "minilm": ["model.name=minilm", f"data.train={DATA / 'sst2_train_20k.tsv'}", f"data.eval={DATA / 'sst2_dev.tsv'}",
                "data.max_examples=1600", "data.max_length=128", "train.epochs=1", "train.batch_size=32"],
 }
-LR_SCALE = {"smollm2": 1.0, "minilm": 5.0}  # the small encoder with a fresh head takes larger steps
 
 
 def run_one(model: str, method: str) -> dict:
@@ -51,15 +50,17 @@ def run_one(model: str, method: str) -> dict:
     from deltatune.config import config_from_dict, load_config
     from deltatune.train.loop import train
 
-    section, lr = METHODS[method]
-    base = load_config(None, [*BUDGETS[model], f"train.lr={lr * LR_SCALE[model]}", "train.warmup=0.1",
+    section = METHODS[method]
+    base = load_config(None, [*BUDGETS[model], "train.warmup=0.1",
                               f"output.dir={OUT / model / method}", "output.overwrite=true"])
     tree = json.loads(base.model_dump_json())
     tree["method"] = section
-    result = train(config_from_dict(tree), progress=False)
+    cfg = config_from_dict(tree)
+    result = train(cfg, progress=False)
     delta = result.output_dir / "adapter_model.safetensors"
     return {
-        "model": model, "method": method, "lr": lr * LR_SCALE[model],
+        "model": model, "method": method,
+        "lr": cfg.method.default_lr("classification" if model == "minilm" else "causal_lm"),
         "trainable": result.trainable_params, "total": result.total_params,
         "delta_mb": delta.stat().st_size / 1e6,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
