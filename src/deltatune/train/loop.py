@@ -55,6 +55,7 @@ from deltatune.train.distributed import (
     unwrap,
     wrap_model,
 )
+from deltatune.train.fused import use_fused_modules
 from deltatune.train.optim import build_optimizer, build_scheduler, peak_learning_rates
 from deltatune.train.progress import MetricsLog, Progress
 from deltatune.train.setup import (
@@ -167,6 +168,8 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> Tr
     mode = cfg.data.batching if data.task == "causal_lm" else ("pad" if cfg.data.batching == "pad" else "bucket")
     if mode == "pack" and data.task == "causal_lm" and method.packed_attention and enable_packed_attention(model):
         say("attention: packed rows attend per example (no block mask)")
+    if data.task == "causal_lm" and use_fused_modules(model):
+        say("fused RMSNorm/SwiGLU: norms and feed-forwards keep fewer activations for backward (same math)")
     lengths = [len(ex.input_ids) for ex in train_set]
     per_step = t.grad_accum * ctx.world  # micro-batches per optimizer step, over all ranks
     micro_per_epoch = math.ceil(len(train_set) / t.batch_size)
