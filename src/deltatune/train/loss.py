@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.train.attention import varlen_kwargs
+from deltatune.train.chunked_ce import hidden_states_at, linear_cross_entropy_sum, plain_output_layer
 
 IGNORE = -100
 
@@ -35,17 +36,27 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     return inputs
 
 
-def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], sparse_logits: bool = True
-                       ) -> tuple[torch.Tensor, int]:
-    """Return (summed next-token cross-entropy over supervised tokens, number of supervised tokens)."""
+def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], sparse_logits: bool = True,
+                       chunked: bool = True) -> tuple[torch.Tensor, int]:
+    """Return (summed next-token cross-entropy over supervised tokens, number of supervised tokens).
+
+    With ``chunked`` (and a plain output layer, see train/chunked_ce.py) the model returns its hidden
+    states at the supervised positions and the output layer runs inside the loss, chunk by chunk, so the
+    full logits never exist at once. ``model`` is the model itself, not a distributed wrapper."""
     targets = batch["labels"][:, 1:]  # (B, T-1): the token each position predicts
     supervised = targets != IGNORE
     count = int(supervised.sum())
     inputs = model_inputs(batch)
     if sparse_logits and accepts_logits_to_keep(model):
         keep = supervised.any(dim=0).nonzero().squeeze(1)  # (N,) positions with a supervised next token
-        logits = model(**inputs, logits_to_keep=keep).logits  # (B, N, V)
         chosen = targets[:, keep]  # (B, N)
+        head = plain_output_layer(model) if chunked else None
+        if head is not None:
+            with hidden_states_at(model):
+                hidden = model(**inputs, logits_to_keep=keep).logits  # (B, N, d)
+            return linear_cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), head.weight,
+                                            chosen.reshape(-1)), count
+        logits = model(**inputs, logits_to_keep=keep).logits  # (B, N, V)
     else:
         logits = model(**inputs).logits[:, :-1]
         chosen = targets
@@ -64,9 +75,11 @@ def classification_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]
     return loss, int(labels.numel()), correct
 
 
-def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, int]:
-    """Return (summed loss, count of items it sums over) for either task."""
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str, chunked: bool = True
+             ) -> tuple[torch.Tensor, int]:
+    """Return (summed loss, count of items it sums over) for either task; ``chunked=False`` for a model
+    wrapped for distributed training (its output layer must run inside its own forward)."""
     if task == "classification":
         loss, count, _ = classification_loss_sum(model, batch)
         return loss, count
-    return causal_lm_loss_sum(model, batch)
+    return causal_lm_loss_sum(model, batch, chunked=chunked)

@@ -55,7 +55,7 @@ def run_step(run: StepRun, share: list[tuple[list[int], bool]]) -> tuple[float, 
     for k, batch in enumerate(batches):
         batch = {key: v.to(run.device) for key, v in batch.items()}
         with micro_batch(run.model, ctx, sync=k == len(batches) - 1):
-            loss, _ = loss_sum(run.model, batch, run.task)
+            loss, _ = loss_sum(run.model, batch, run.task, chunked=not ctx.enabled)
             scaled = loss / max(total, 1)
             if ctx.enabled:  # the ranks' gradients are averaged: x world gives their sum
                 scaled = scaled * (ctx.world if real[k] else 0.0)
@@ -80,6 +80,6 @@ def probe_loss(model: torch.nn.Module, method: Method, example: TokenizedExample
     """Return the loss of one example (with the method's penalty): DDP's probe for unused parameters."""
     batch = collate([example], mode=mode, pad_id=pad_id, task=task, block_mask=not packed_attention_enabled(model))
     batch = {k: v.to(device) for k, v in batch.items()}
-    loss, _ = loss_sum(model, batch, task)
+    loss, _ = loss_sum(model, batch, task, chunked=False)
     reg = method.regularization(model)
     return loss if reg is None else loss + reg

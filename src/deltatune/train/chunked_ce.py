@@ -1,0 +1,99 @@
+"""The output layer and the cross-entropy in one pass over chunks of rows, never holding all the logits.
+
+At a supervised position the output layer of SmolLM2 produces 49,152 float32 logits (192 KB); a 1,000-token
+pass with 77% supervised positions holds about 150 MB of logits, plus as much again for the log-softmax
+autograd keeps and for the gradient of the logits in the backward pass. ``linear_cross_entropy_sum``
+computes, chunk by chunk of rows, the logits ``h @ W^T``, the summed cross-entropy and, in the same pass,
+its gradient with respect to ``h`` (and ``W`` when the output layer trains); the backward pass only scales
+the stored gradients. The matmuls are the ones autograd would run, so the time is the same and the peak
+holds one chunk of logits. (The idea of Liger-Kernel's and Cut Cross-Entropy's fused linear cross-entropy.)
+
+    hidden = model(**inputs, logits_to_keep=keep) with the output layer swapped for an identity (see
+    ``hidden_states_at``), then loss = linear_cross_entropy_sum(hidden, head.weight, targets)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+IGNORE = -100
+CHUNK_ROWS = 256
+_PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
+"""Model types whose causal LM computes ``logits = lm_head(hidden)`` with no scaling or soft-capping."""
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, want_h: bool,
+                want_w: bool) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        for start in range(0, hidden.shape[0], CHUNK_ROWS):
+            h = hidden[start:start + CHUNK_ROWS]
+            t = targets[start:start + CHUNK_ROWS]
+            logits = (h @ weight.t()).float()  # (c, V)
+            valid = t != IGNORE
+            picked = t.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, picked[:, None]).squeeze(1)) * valid).sum()
+            if want_h or want_w:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad[torch.arange(len(t), device=grad.device), picked] -= 1.0
+                grad.mul_(valid[:, None])
+                grad = grad.to(weight.dtype)
+                if grad_h is not None:
+                    grad_h[start:start + CHUNK_ROWS] = grad @ weight
+                if grad_w is not None:
+                    grad_w += (grad.t() @ h).float()
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
+        ctx.has = (want_h, want_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        saved = list(ctx.saved_tensors)
+        want_h, want_w = ctx.has
+        grad_h = saved.pop(0) * grad_out if want_h else None
+        grad_w = (saved.pop(0) * grad_out).to(ctx.weight_dtype) if want_w else None
+        return grad_h, grad_w, None, None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Return the summed cross-entropy of ``hidden @ weight^T`` (rows (N, d), weight (V, d)) against
+    ``targets`` (N,), ignoring ``-100``; differentiable in ``hidden`` and ``weight`` with the gradients
+    computed in the forward pass chunk by chunk (see the module docstring)."""
+    want_h = torch.is_grad_enabled() and hidden.requires_grad
+    want_w = torch.is_grad_enabled() and weight.requires_grad
+    loss: torch.Tensor = _LinearCrossEntropy.apply(hidden, weight, targets, want_h, want_w)
+    return loss
+
+
+def plain_output_layer(model: nn.Module) -> nn.Linear | None:
+    """Return the model's output layer when the logits are exactly ``lm_head(hidden)`` (a bias-free
+    ``nn.Linear`` of a known model family), else None (the loss then takes the model's logits)."""
+    config = getattr(model, "config", None)
+    head = getattr(model, "lm_head", None)
+    if getattr(config, "model_type", None) not in _PLAIN_HEAD_MODELS or type(head) is not nn.Linear:
+        return None
+    if head.bias is not None or getattr(config, "final_logit_softcapping", None):
+        return None
+    return head
+
+
+@contextmanager
+def hidden_states_at(model: nn.Module) -> Iterator[None]:
+    """Within the block the model's ``logits`` are its final hidden states (the output layer is an
+    identity), so the loss can apply the output layer itself."""
+    head = model.lm_head
+    model.lm_head = nn.Identity()
+    try:
+        yield
+    finally:
+        model.lm_head = head
