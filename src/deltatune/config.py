@@ -146,7 +146,7 @@ class TrainConfig(Section):
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
     """`adamw` (torch), `adamw_8bit` (bitsandbytes, 8-bit moments), `paged_adamw`, `paged_adamw_8bit`
     (moments in CUDA unified memory that pages out under memory pressure; on CPU the same unpaged)."""
-    pass_tokens: int | None = Field(default=1024, ge=1)
+    pass_tokens: int | None = Field(default=640, ge=1)
     """Packed causal-LM batches: a micro-batch whose examples hold more tokens than this runs as several
     rows of at most this many tokens (an example is never split), gradients accumulated. The same math and,
     on a CPU, the same speed, with activation memory bounded by this number; null: one row per micro-batch."""
