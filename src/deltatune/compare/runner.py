@@ -167,11 +167,27 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def _terminate_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def run_methods(plan: ComparePlan, *, fresh: bool = False, verbose: bool = False,
                 say: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run every method of ``plan`` (skipping those finished earlier with the same config, unless ``fresh``);
     print a line per method start and finish with the overall ETA; return one record per method, in plan
-    order. Raises CompareInterrupted on Ctrl-C."""
+    order. Raises CompareInterrupted on Ctrl-C, and on SIGTERM, which is handled the same way (the running
+    method writes a checkpoint and stops; no further method starts)."""
+    if threading.current_thread() is not threading.main_thread():
+        return _run_methods(plan, fresh=fresh, verbose=verbose, say=say)
+    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    try:
+        return _run_methods(plan, fresh=fresh, verbose=verbose, say=say)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_methods(plan: ComparePlan, *, fresh: bool, verbose: bool, say: Callable[[str], None]
+                 ) -> list[dict[str, Any]]:
     starts = {item.key: how_to_start(item, fresh) for item in plan.methods}
     todo = [item for item in plan.methods if starts[item.key] != "skip"]
     live = sys.stdout.isatty() and not verbose
