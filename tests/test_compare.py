@@ -244,7 +244,9 @@ def test_real_ctrl_c_checkpoints_and_the_rerun_resumes(tiny_llama_dir: Path, tmp
     run_yaml = llama_file(tmp_path, tiny_llama_dir, methods=["lora"])
     argv = [sys.executable, "-m", "deltatune", "compare", str(run_yaml), "train.max_steps=400"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # a shell that starts jobs in the background leaves SIGINT ignored, which the child would inherit
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = tmp_path / "cmp" / "lora" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and sum(1 for ln in (metrics.read_text().splitlines()
