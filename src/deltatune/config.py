@@ -305,16 +305,14 @@ def config_from_dict(tree: dict[str, Any], source: str = "config") -> RunConfig:
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config (or the defaults when ``path`` is None), apply overrides, validate.
-
-    Returns the validated RunConfig; raises ConfigError with the file and key on any problem.
-    """
+def read_config_tree(path: str | Path | None, overrides: list[str] | None,
+                     sections: str = "model, data, method, train, output") -> tuple[dict[str, Any], str]:
+    """Read a YAML file (or nothing) and apply ``key=value`` overrides; return the raw tree and a source name
+    for messages. Raises ConfigError naming the file, line or override."""
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        source = str(path)
-        p = Path(path)
+        p, source = Path(path), str(path)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
@@ -323,16 +321,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             mark = getattr(err, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"{p}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections (model, data, method, train, output)")
-        tree = loaded
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections ({sections})")
+        tree = loaded or {}
     for text in overrides or []:
         key_path, value = parse_override(text)
         _set_path(tree, key_path, value, f"override {text!r}")
     if overrides:
         source = f"{source} + overrides" if path else "overrides"
+    return tree, source
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or the defaults when ``path`` is None), apply overrides, validate.
+
+    Returns the validated RunConfig; raises ConfigError with the file and key on any problem.
+    """
+    tree, source = read_config_tree(path, overrides)
     return config_from_dict(tree, source)
 
 

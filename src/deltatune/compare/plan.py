@@ -20,10 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from deltatune.compare.settings import ALIASES, CompareSettings, all_methods, parse_settings
-from deltatune.config import RunConfig, config_from_dict, parse_override
+from deltatune.config import RunConfig, config_from_dict, read_config_tree
 from deltatune.errors import ConfigError
 
 DEFAULT_OUT = "runs/compare"
@@ -82,32 +80,7 @@ class ComparePlan:
 def read_tree(path: str | Path | None, overrides: list[str] | None) -> tuple[dict[str, Any], str]:
     """Read a YAML file (or nothing) and apply ``key=value`` overrides (``compare.*`` keys too); return the
     raw tree and a source name for messages. Raises ConfigError naming the file, line or override."""
-    tree: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        p, source = Path(path), str(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{p}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections (model, data, method, train, output, compare)")
-        tree = loaded or {}
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        node = tree
-        for part in keys[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {part} is not a section")
-        node[keys[-1]] = value
-    if overrides:
-        source = f"{source} + overrides" if path else "overrides"
-    return tree, source
+    return read_config_tree(path, overrides, sections="model, data, method, train, output, compare")
 
 
 def merge_tree(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
