@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-IGNORE = -100
+from deltatune.data.tokenize import IGNORE_INDEX as IGNORE
+
 CHUNK_ROWS = 256
 _PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
 """Model types whose causal LM computes ``logits = lm_head(hidden)`` with no scaling or soft-capping."""
