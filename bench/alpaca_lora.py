@@ -14,7 +14,7 @@ from pathlib import Path
 
 from deltatune.config import load_config
 from deltatune.models import load_model
-from deltatune.train.loop import train
+from deltatune.training.loop import train
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "alpaca_en_demo.json"
 

@@ -48,7 +48,7 @@ BUDGETS = {
 def run_one(model: str, method: str) -> dict:
     """Train one method in this process; return its figures."""
     from deltatune.config import config_from_dict, load_config
-    from deltatune.train.loop import train
+    from deltatune.training.loop import train
 
     section = METHODS[method]
     base = load_config(None, [*BUDGETS[model], "train.warmup=0.1",

@@ -96,8 +96,8 @@ def worker_memory(args: argparse.Namespace) -> dict[str, Any]:
     from deltatune.config import TrainConfig
     from deltatune.methods import trainable_parameters
     from deltatune.quantize import weight_bytes
-    from deltatune.train.loss import causal_lm_loss_sum
-    from deltatune.train.optim import build_optimizer
+    from deltatune.training.loss import causal_lm_loss_sum
+    from deltatune.training.optim import build_optimizer
 
     device = torch.device(args.device)
     import transformers  # noqa: F401  (so the process's own footprint is measured before the model)
@@ -157,7 +157,7 @@ def worker_quality(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from deltatune.config import load_config
-    from deltatune.train.loop import train
+    from deltatune.training.loop import train
 
     overrides = QUALITY[args.config]
     out = ROOT / "runs" / f"bench-quant-{args.device}-{overrides[-1].split('=')[-1]}"

@@ -28,7 +28,7 @@ Contenders, each in its own subprocess (so its peak resident memory, ru_maxrss, 
    position_ids, no padding; its fused LM head scores only supervised positions), a pre-tokenized dataset
    (input_ids + labels) in plan order with a sequential sampler, constant lr, no warmup, no activation
    checkpointing (TRL's default is on), bf16 off in float32 (TRL's default is on).
-3. ``deltatune``: deltatune.train.loop.train() with its defaults (packed rows with a block-diagonal mask,
+3. ``deltatune``: deltatune.training.loop.train() with its defaults (packed rows with a block-diagonal mask,
    logits on supervised positions only), given only the work's settings (and no eval).
 
 The loss every contender reports is the mean cross-entropy over the step's supervised tokens (transformers'
@@ -189,7 +189,7 @@ def prepare_work(spec: dict[str, Any]) -> dict[str, Any] | None:
 
     from deltatune.config import load_config
     from deltatune.data import plan_batches
-    from deltatune.train.setup import load_run_data, tokenize_run_data
+    from deltatune.training.setup import load_run_data, tokenize_run_data
 
     cfg = load_config(None, deltatune_overrides(spec))
     tokenizer = AutoTokenizer.from_pretrained(spec["source"])
@@ -369,7 +369,7 @@ def worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
 def worker_deltatune(spec: dict[str, Any]) -> dict[str, Any]:
     """Contender 3: deltatune's own train() with its defaults; each step timed by wrapping the loop's step."""
     torch = _child_setup(spec)
-    import deltatune.train.loop as loop
+    import deltatune.training.loop as loop
     from deltatune.config import load_config
 
     work = json.loads(Path(spec["work"]).read_text()) if spec.get("work") else None

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from deltatune.cli import main
-from deltatune.train.checkpoint import checkpoint_dirs, load_trainable
-from deltatune.train.distributed import step_share
+from deltatune.training.checkpoint import checkpoint_dirs, load_trainable
+from deltatune.training.distributed import step_share
 from tests.test_train import metrics, write_chat_data
 
 COMMON = ("train.seed=3", "train.batch_size=4", "data.eval=0.25", "train.lr=1e-2",
@@ -49,7 +49,7 @@ def _worker(rank: int, world: int, port: int, argv: list[str], log: str, die: tu
     os.dup2(fd, 2)
     torch.set_num_threads(1)
     if die is not None:
-        import deltatune.train.loop as loop
+        import deltatune.training.loop as loop
 
         real, calls = loop._step, {"n": 0}
 

@@ -1,4 +1,4 @@
-"""Fused RMSNorm / SwiGLU (train/fused.py): the patched model computes the same logits and gradients as the
+"""Fused RMSNorm / SwiGLU (training/fused.py): the patched model computes the same logits and gradients as the
 unpatched one under every method, keeps its state_dict, leaves non-standard modules alone, and keeps fewer
 bytes for backward."""
 
@@ -16,14 +16,14 @@ from torch import nn
 import deltatune as dt
 from deltatune.config import ModelConfig
 from deltatune.quantize import enable_gradient_checkpointing
-from deltatune.train.fused import (
+from deltatune.training.fused import (
     RMSNormFunction,
     SiluMulFunction,
     fused_modules,
     remove_fused_modules,
     use_fused_modules,
 )
-from deltatune.train.loss import causal_lm_loss_sum
+from deltatune.training.loss import causal_lm_loss_sum
 
 VOCAB = 128
 T = 24
@@ -364,7 +364,7 @@ def test_training_run_uses_the_fused_modules_with_the_same_update(tiny_llama_dir
 
     from safetensors.torch import load_file
 
-    import deltatune.train.loop as loop
+    import deltatune.training.loop as loop
     from deltatune.cli import main
 
     rows = [{"messages": [{"role": "user", "content": f"What colour is thing {i}?"},

@@ -24,8 +24,8 @@ from deltatune.quantize import (
     quantized_layer_names,
     weight_bytes,
 )
-from deltatune.train import optim
-from deltatune.train.optim import build_optimizer
+from deltatune.training import optim
+from deltatune.training.optim import build_optimizer
 
 pytest.importorskip("bitsandbytes")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import deltatune.train.loop as loop
+import deltatune.training.loop as loop
 from deltatune.cli import main
 
 COLORS = {"apple": "red", "lime": "green", "sky": "blue", "banana": "yellow", "coal": "black", "snow": "white"}
@@ -51,6 +51,19 @@ def test_train_writes_a_complete_run_and_lowers_eval_loss(tiny_llama_dir: Path, 
     # run.yaml is the resolved config and reproduces the run's settings
     assert "max_steps: 30" in (out / "run.yaml").read_text()
 
+
+
+def test_the_python_api_trains_twice_in_one_process(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    # dt.train once lost to the subpackage of the same name: importing it rebound the attribute
+    import deltatune as dt
+
+    data = write_chat_data(tmp_path / "d.jsonl", n=8)
+    for run in ("a", "b"):
+        cfg = dt.load_config(None, [f"model.name={tiny_llama_dir}", f"data.train={data}", "method.r=4",
+                                    f"output.dir={tmp_path / run}", "train.max_steps=2", "train.batch_size=4"])
+        assert callable(dt.train)
+        result = dt.train(cfg, progress=False)
+        assert result.steps == 2 and (tmp_path / run / "adapter_model.safetensors").is_file()
 
 RESUME_CASES = {
     "lora": ("method.r=4", "method.dropout=0.1"),
@@ -181,7 +194,7 @@ def test_classification_run_reports_accuracy(tiny_bert_dir: Path, tmp_path: Path
 
 def test_learning_rates_follow_the_method_the_head_and_the_gates() -> None:
     from deltatune.config import HEAD_LR, config_from_dict, load_config
-    from deltatune.train.optim import build_optimizer, peak_learning_rates
+    from deltatune.training.optim import build_optimizer, peak_learning_rates
 
     cfg = load_config(None, ["method.name=prompt_tuning"])
     assert peak_learning_rates(cfg.train, cfg.method, "causal_lm") == (3e-2, 3e-2)

@@ -42,7 +42,7 @@ def merge(model: Any, method: Method) -> Any:
 
 def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Any:
     """Run training for ``cfg`` and write the delta to ``cfg.output.dir``; return the TrainResult."""
-    from deltatune.train.loop import train as _train
+    from deltatune.training.loop import train as _train
 
     return _train(cfg, resume=resume, progress=progress)
 

@@ -45,8 +45,8 @@ def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[st
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a method; with no config and no data, run the built-in demo."""
     from deltatune.config import load_config
-    from deltatune.train.loop import train
-    from deltatune.train.setup import demo_overrides
+    from deltatune.training.loop import train
+    from deltatune.training.setup import demo_overrides
 
     config, overrides = _config_and_overrides(args)
     cfg = load_config(config, overrides)
@@ -481,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except DeltatuneError as err:
-        from deltatune.train.loop import Interrupted
+        from deltatune.training.loop import Interrupted
 
         print(f"deltatune: {err}", file=sys.stderr)
         return 130 if isinstance(err, Interrupted) else 2

@@ -10,8 +10,8 @@ from torch import nn
 
 from deltatune.data import Example, TokenizedExample, collate
 from deltatune.infer.generate import generate
-from deltatune.train.attention import packed_attention_enabled
-from deltatune.train.loss import causal_lm_loss_sum, classification_loss_sum
+from deltatune.training.attention import packed_attention_enabled
+from deltatune.training.loss import causal_lm_loss_sum, classification_loss_sum
 
 
 @torch.no_grad()

@@ -56,7 +56,7 @@ def latency_inputs(cfg: RunConfig) -> Any:
     LM, the first eight examples' texts for a classifier."""
     from deltatune.compare.measure import LatencyInputs
     from deltatune.evaluate import reference_pairs
-    from deltatune.train.setup import load_run_data
+    from deltatune.training.setup import load_run_data
 
     data = load_run_data(cfg, Path(cfg.output.dir))
     examples = data.eval or data.train
@@ -71,8 +71,8 @@ def run(cfg: RunConfig, *, resume: bool, latency_tokens: int, latency_repeats: i
     figures that compare.json holds."""
     from deltatune.compare.measure import measure_latency, peak_memory_mb
     from deltatune.delta import load_delta
-    from deltatune.train.loop import train
-    from deltatune.train.optim import peak_learning_rates
+    from deltatune.training.loop import train
+    from deltatune.training.optim import peak_learning_rates
 
     started = time.perf_counter()
     result = train(cfg, resume=resume, progress=False)
@@ -122,7 +122,7 @@ def main() -> int:
     from deltatune.config import config_from_dict
     from deltatune.delta import write_text_atomic
     from deltatune.errors import DeltatuneError
-    from deltatune.train.loop import Interrupted
+    from deltatune.training.loop import Interrupted
 
     request = json.loads(sys.stdin.read())
     error_file = Path(request["error_file"])

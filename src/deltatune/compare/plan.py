@@ -146,8 +146,8 @@ def plan_from_tree(tree: dict[str, Any], source: str = "config", *, methods: lis
     """Return the plan for a raw config tree holding an optional ``compare:`` section (see load_plan)."""
     from deltatune.evaluate import reference_pairs
     from deltatune.methods import registered_methods
-    from deltatune.train.optim import peak_learning_rates
-    from deltatune.train.setup import load_run_data
+    from deltatune.training.optim import peak_learning_rates
+    from deltatune.training.setup import load_run_data
 
     tree = copy.deepcopy(tree)
     settings = parse_settings(tree.pop("compare", None), source)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from deltatune.compare.child import RESULT_FILE
 from deltatune.compare.plan import ComparePlan, MethodPlan
 from deltatune.config import dump_config
-from deltatune.train.loop import Interrupted
+from deltatune.training.loop import Interrupted
 
 Start = Literal["skip", "resume", "fresh"]
 LOGS = "logs"
@@ -61,7 +61,7 @@ def earlier_record(item: MethodPlan) -> dict[str, Any] | None:
 def how_to_start(item: MethodPlan, fresh: bool) -> Start:
     """Return ``skip`` (finished earlier with the same config), ``resume`` (a checkpoint of the same config
     exists) or ``fresh``."""
-    from deltatune.train.checkpoint import checkpoint_dirs
+    from deltatune.training.checkpoint import checkpoint_dirs
 
     if fresh:
         return "fresh"

@@ -9,8 +9,8 @@ from torch import nn
 if TYPE_CHECKING:
     from deltatune.config import RunConfig
     from deltatune.methods import Method
-    from deltatune.train.loop import TrainResult
-    from deltatune.train.setup import RunData
+    from deltatune.training.loop import TrainResult
+    from deltatune.training.setup import RunData
 
 
 def _human(n: float) -> str:

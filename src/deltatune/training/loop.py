@@ -31,9 +31,9 @@ from deltatune.errors import DeltatuneError
 from deltatune.evaluate import eval_loss, exact_match
 from deltatune.methods import build_method, head_names, trainable_parameters
 from deltatune.models import load_model, prepare_for_training
-from deltatune.train.attention import enable_packed_attention
-from deltatune.train.card import model_card, summarize_parameters
-from deltatune.train.checkpoint import (
+from deltatune.training.attention import enable_packed_attention
+from deltatune.training.card import model_card, summarize_parameters
+from deltatune.training.checkpoint import (
     TrainState,
     checkpoint_dirs,
     load_extra,
@@ -41,7 +41,7 @@ from deltatune.train.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from deltatune.train.distributed import (
+from deltatune.training.distributed import (
     DistContext,
     full_tensors,
     gathered,
@@ -55,17 +55,17 @@ from deltatune.train.distributed import (
     unwrap,
     wrap_model,
 )
-from deltatune.train.fused import use_fused_modules
-from deltatune.train.optim import build_optimizer, build_scheduler, peak_learning_rates
-from deltatune.train.progress import MetricsLog, Progress
-from deltatune.train.setup import (
+from deltatune.training.fused import use_fused_modules
+from deltatune.training.optim import build_optimizer, build_scheduler, peak_learning_rates
+from deltatune.training.progress import MetricsLog, Progress
+from deltatune.training.setup import (
     RUN_FILE,
     load_run_data,
     prepare_output_dir,
     tokenize_run_data,
 )
-from deltatune.train.step import StepRun, probe_loss
-from deltatune.train.step import run_step as _step
+from deltatune.training.step import StepRun, probe_loss
+from deltatune.training.step import run_step as _step
 
 
 class Interrupted(DeltatuneError):

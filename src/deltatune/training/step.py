@@ -14,9 +14,9 @@ import torch
 
 from deltatune.data import TokenizedExample, collate, split_by_tokens
 from deltatune.methods import Method
-from deltatune.train.attention import packed_attention_enabled
-from deltatune.train.distributed import DistContext, as_float, micro_batch
-from deltatune.train.loss import loss_sum
+from deltatune.training.attention import packed_attention_enabled
+from deltatune.training.distributed import DistContext, as_float, micro_batch
+from deltatune.training.loss import loss_sum
 
 
 @dataclass

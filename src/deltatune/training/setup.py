@@ -19,7 +19,7 @@ from deltatune.data import (
 )
 from deltatune.demo import write_demo_data
 from deltatune.errors import ConfigError, DataError
-from deltatune.train.checkpoint import checkpoint_dirs
+from deltatune.training.checkpoint import checkpoint_dirs
 
 RUN_FILE = "run.yaml"
 
