@@ -214,6 +214,35 @@ def test_learning_rates_follow_the_method_the_head_and_the_gates() -> None:
     assert groups == {(5e-4, 0.1): [(2, 2)], (5e-4, 0.0): [(2,)], (2e-3, 0.1): [(2, 2)]}
 
 
+def test_a_rate_switch_changes_one_groups_peak_rate_from_its_step_and_survives_a_resume() -> None:
+    from deltatune.config import load_config
+    from deltatune.methods.base import RateSwitch
+    from deltatune.training.optim import build_optimizer, build_scheduler, lr_factor
+
+    cfg = load_config(None, ["train.warmup=2", "train.schedule=linear"]).train
+    params = {"a": torch.nn.Parameter(torch.zeros(2, 2)), "b": torch.nn.Parameter(torch.zeros(2, 2))}
+
+    def build() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        opt = build_optimizer(params, cfg, 1e-3, switch_of={"b": RateSwitch(at_step=5, rate=4e-2)})
+        return opt, build_scheduler(opt, cfg, 10)
+
+    opt, sched = build()
+    seen = []
+    for _ in range(10):
+        seen.append({id(g["params"][0]): g["lr"] for g in opt.param_groups})
+        opt.step()
+        sched.step()
+        if len(seen) == 6:  # checkpoint after step 6, resume into a fresh optimizer and schedule
+            state = (opt.state_dict(), sched.state_dict())
+            opt, sched = build()
+            opt.load_state_dict(state[0])
+            sched.load_state_dict(state[1])
+    for step, rates in enumerate(seen):
+        curve = lr_factor(step, 10, 2, "linear")
+        assert rates[id(params["a"])] == pytest.approx(1e-3 * curve)
+        assert rates[id(params["b"])] == pytest.approx((4e-2 if step >= 5 else 1e-3) * curve)
+
+
 def test_diff_pruning_gates_train_at_their_own_rate_and_freeze_after_pruning(tiny_llama_dir: Path) -> None:
     import deltatune as dt
     from deltatune.config import ModelConfig
@@ -238,6 +267,12 @@ def test_diff_pruning_gates_train_at_their_own_rate_and_freeze_after_pruning(tin
             m.diff.add_(1.0)
     method.after_step(model, 5, 10)
     assert sum(int(m.diff.count_nonzero()) for m in layers.values()) <= kept
+    # the kept entries train at fixed_mask_lr_scale x the run's rate from the first step after pruning
+    switches = method.rate_switches(model, 1e-4, 10)
+    assert set(switches) == {f"{n}.diff" for n in layers}
+    assert {s.at_step for s in switches.values()} == {5}
+    assert all(s.rate == pytest.approx(1e-4 * 50) for s in switches.values())
+    assert method.rate_switches(model, 1e-4, 1) == {}  # pruned only at the end: no fixed-mask phase
 
 
 def test_prompt_methods_keep_the_block_mask() -> None:

@@ -15,6 +15,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -22,6 +23,15 @@ from torch import nn
 
 from deltatune.config import MethodConfig
 from deltatune.errors import ConfigError, DeltatuneError
+
+
+@dataclass(frozen=True)
+class RateSwitch:
+    """From optimizer step ``at_step`` (0-based) on, a parameter trains at peak rate ``rate`` (the run's
+    warmup and decay curve still applies)."""
+
+    at_step: int
+    rate: float
 
 
 class Method(ABC):
@@ -60,6 +70,11 @@ class Method(ABC):
     def learning_rates(self, model: nn.Module, lr: float) -> dict[str, float]:
         """Return ``{parameter name: peak learning rate}`` for parameters that should not train at the run's
         rate ``lr`` (e.g. diff pruning's gate logits); empty by default."""
+        return {}
+
+    def rate_switches(self, model: nn.Module, lr: float, total_steps: int) -> dict[str, RateSwitch]:
+        """Return ``{parameter name: RateSwitch}`` for parameters whose peak rate changes at a step of a run of
+        ``total_steps`` (e.g. diff pruning's kept entries after pruning); empty by default."""
         return {}
 
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:

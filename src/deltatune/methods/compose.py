@@ -21,6 +21,7 @@ from deltatune.config import MethodConfig
 from deltatune.errors import DeltatuneError
 from deltatune.methods.base import (
     Method,
+    RateSwitch,
     build_method,
     deltatune_adapter_config,
     method_config_class,
@@ -128,6 +129,13 @@ class ComposeMethod(Method):
         out: dict[str, float] = {}
         for part in self.parts:
             out.update(part.learning_rates(model, lr))
+        return out
+
+    def rate_switches(self, model: nn.Module, lr: float, total_steps: int) -> dict[str, RateSwitch]:
+        """Return the union of the methods' rate switches."""
+        out: dict[str, RateSwitch] = {}
+        for part in self.parts:
+            out.update(part.rate_switches(model, lr, total_steps))
         return out
 
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:

@@ -48,7 +48,7 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tan
 
 
 class HiWiConfig(MethodConfig):
-    recommended_lr: ClassVar[tuple[float, float]] = (1e-3, 5e-3)
+    recommended_lr: ClassVar[tuple[float, float]] = (1e-3, 1e-3)
     name: Literal["hiwi"] = "hiwi"
     """The fine-tuning method."""
     on: Literal["weights", "biases"] = "weights"

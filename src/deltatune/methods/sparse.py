@@ -12,9 +12,14 @@ gates (the differentiable L0 norm). At eval ``z = clamp(sigmoid(log_alpha) (r - 
 paper's recipe, training has two phases: after ``prune_at`` of the steps, ``z * w`` is magnitude-pruned
 globally to the target ``sparsity`` (the projection onto the L0 ball), the gates are fixed open, and the
 surviving entries go on training under that fixed mask for the remaining steps ("fixed-mask
-fine-tuning"); ``finalize`` prunes at the end if the run stopped earlier. The diff trains at ``train.lr``
-(a full fine-tuning rate: it is added to the weights as they are), the gate logits at ``gate_lr`` (they
-must move by several units for the L0 penalty to close gates). The paper's structured (group) penalty is
+fine-tuning"); ``finalize`` prunes at the end if the run stopped earlier. The dense diff trains at
+``train.lr`` (a full fine-tuning rate: it is added to the weights as they are), the gate logits at
+``gate_lr`` (they must move by several units for the L0 penalty to close gates); after pruning the kept
+entries train at ``fixed_mask_lr_scale`` times ``train.lr``. Why: in a short run the gates barely close
+(the penalty's gradient per entry is far below Adam's epsilon until thousands of steps have passed), so
+pruning to 0.5% removes most of what the dense phase learned, and at the dense rate the kept entries
+cannot win it back (MiniLM on SST-2, 200 steps: 81.5% before pruning, 51.1% at the end at 1x, 68.7% at
+20x, 81.1% at 50x). The paper's structured (group) penalty is
 not implemented. ``w = 0`` at attach, so the model computes exactly what the base computes.
 
 ``pafi`` (Liao, Meng, Monz 2023, "Parameter-Efficient Fine-Tuning without Introducing New Latency"): a
@@ -46,6 +51,7 @@ from deltatune.methods.base import (
     PEFT_PREFIX,
     Method,
     OwnedTensorsMethod,
+    RateSwitch,
     copy_checked,
     deltatune_adapter_config,
     find_targets,
@@ -59,6 +65,7 @@ from deltatune.quantize import refuse_quantized
 
 L_LOW, R_HIGH, BETA = -1.5, 1.5, 1.0
 OPEN_GATE = 100.0  # log_alpha at which the eval gate is exactly 1 in float32
+FIXED_MASK_LR_SCALE = 50.0
 
 
 class DiffPruningConfig(MethodConfig):
@@ -76,6 +83,9 @@ class DiffPruningConfig(MethodConfig):
     prune_at: float = Field(default=0.5, gt=0, le=1)
     """Fraction of the steps after which the diff is pruned to `sparsity`; the kept entries then train
     under the fixed mask for the rest (1.0: prune only at the end)."""
+    fixed_mask_lr_scale: float = Field(default=FIXED_MASK_LR_SCALE, gt=0)
+    """After pruning, the kept entries train at this multiple of the diff's rate: a sparse update needs
+    larger steps per entry than a dense one (as pafi's rates show), and it must win back what pruning took."""
     targets: str | list[str] = "all-linear"
     """`all-linear`, a list of layer names, or a regex on full names."""
 
@@ -200,10 +210,23 @@ class DiffPruningMethod(Method):
         """Return ``gate_lr`` for every gate logit."""
         return {f"{name}.log_alpha": self.config.gate_lr for name, _ in _layers(model, DiffLinear)}
 
+    def rate_switches(self, model: nn.Module, lr: float, total_steps: int) -> dict[str, RateSwitch]:
+        """Return the fixed-mask phase's rate (``fixed_mask_lr_scale`` x ``lr``) for every diff, from the first
+        step after pruning; empty when pruning happens only at the end."""
+        at = self.prune_step(total_steps) + 1
+        if at >= total_steps:
+            return {}
+        switch = RateSwitch(at, lr * self.config.fixed_mask_lr_scale)
+        return {f"{name}.diff": switch for name, _ in _layers(model, DiffLinear)}
+
+    def prune_step(self, total_steps: int) -> int:
+        """Return the 0-based step after which the diff is pruned (``prune_at`` of ``total_steps``)."""
+        return max(round(self.config.prune_at * total_steps), 1) - 1
+
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Prune once ``prune_at`` of the steps are done; afterwards keep the pruned entries of the diff at
         zero (AdamW's momentum would otherwise move them), so the diff's non-zeros are the mask."""
-        if step + 1 < round(self.config.prune_at * total_steps):
+        if step < self.prune_step(total_steps):
             return
         self.finalize(model)
         with torch.no_grad():

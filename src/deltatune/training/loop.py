@@ -201,7 +201,11 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> Tr
     lr_of.update(method.learning_rates(inner, lr))
     say(f"learning rate {lr:g}{'' if t.lr else f' ({cfg.method.name} default; set train.lr to change)'}"
         + (f", classifier head {head_lr:g}" if head_names(inner) else ""))
-    optimizer = build_optimizer(params, t, lr, lr_of)
+    switches = method.rate_switches(inner, lr, total_steps)
+    for text in sorted({f"from step {sw.at_step + 1} on, {cfg.method.name} trains {n.rsplit('.', 1)[-1]} at {sw.rate:g}"
+                        for n, sw in switches.items()}):
+        say(text)
+    optimizer = build_optimizer(params, t, lr, lr_of, switches)
     main_group = next((i for i, g in enumerate(optimizer.param_groups) if g["lr"] == lr), 0)
     scheduler = build_scheduler(optimizer, t, total_steps)
     if last is not None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from deltatune.config import HEAD_LR, MethodConfig, TrainConfig
 from deltatune.errors import DeltatuneError
+from deltatune.methods.base import RateSwitch
 
 _BNB_CLASSES = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
 _UNPAGED = {"paged_adamw": "adamw", "paged_adamw_8bit": "adamw_8bit"}
@@ -49,16 +50,21 @@ def peak_learning_rates(train: TrainConfig, method: MethodConfig, task: str) -> 
 
 
 def build_optimizer(params: dict[str, nn.Parameter], cfg: TrainConfig, lr: float,
-                    lr_of: dict[str, float] | None = None) -> torch.optim.Optimizer:
+                    lr_of: dict[str, float] | None = None,
+                    switch_of: dict[str, RateSwitch] | None = None) -> torch.optim.Optimizer:
     """Return the AdamW variant of ``cfg.optimizer`` over ``params`` (``{name: parameter}``) at peak rate
-    ``lr``; a parameter named in ``lr_of`` trains at that rate instead. Biases, norm weights and other 1-D
-    tensors get no weight decay."""
-    lr_of = lr_of or {}
-    grouped: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    ``lr``; a parameter named in ``lr_of`` trains at that rate instead, one named in ``switch_of`` changes
+    its peak rate at a step (the group keeps ``rate_switch = (at_step, rate)`` for :func:`build_scheduler`).
+    Biases, norm weights and other 1-D tensors get no weight decay."""
+    lr_of, switch_of = lr_of or {}, switch_of or {}
+    grouped: dict[tuple[float, bool, RateSwitch | None], list[nn.Parameter]] = {}
     for name, p in params.items():
-        grouped.setdefault((lr_of.get(name, lr), p.ndim >= 2), []).append(p)
-    groups = [{"params": ps, "lr": rate, "weight_decay": cfg.weight_decay if decay else 0.0}
-              for (rate, decay), ps in grouped.items()]
+        grouped.setdefault((lr_of.get(name, lr), p.ndim >= 2, switch_of.get(name)), []).append(p)
+    groups: list[dict[str, Any]] = []
+    for (rate, decay, switch), ps in grouped.items():
+        groups.append({"params": ps, "lr": rate, "weight_decay": cfg.weight_decay if decay else 0.0})
+        if switch is not None:
+            groups[-1]["rate_switch"] = (switch.at_step, switch.rate)
     first = next(iter(params.values()), None)
     device = first.device if first is not None else torch.device("cpu")
     name = resolve_optimizer(cfg.optimizer, device)
@@ -93,7 +99,13 @@ def lr_factor(step: int, total_steps: int, warmup: int, schedule: str) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
                     ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Return a LambdaLR following :func:`lr_factor` over ``total_steps`` optimizer steps."""
+    """Return a LambdaLR following :func:`lr_factor` over ``total_steps`` optimizer steps; a group with a
+    ``rate_switch`` follows the same curve scaled to its new peak rate from the switch's step on."""
     warm = warmup_steps(cfg, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warm, cfg.schedule))
+
+    def schedule(group: dict[str, Any]) -> Any:
+        at_step, rate = group.get("rate_switch", (math.inf, group["lr"]))
+        scale = rate / group["lr"]
+        return lambda step: lr_factor(step, total_steps, warm, cfg.schedule) * (scale if step >= at_step else 1.0)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(g) for g in optimizer.param_groups])
