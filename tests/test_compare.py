@@ -135,6 +135,13 @@ def test_compare_llama_report_failure_skip_and_resume(tiny_llama_dir: Path, tmp_
     report = (out / "report.md").read_text()
     assert list(rows_of(report)) == ["lora", "ia3"] and "resumed after an interruption: lora" in report
 
+    # a method whose default rate changed since (it lives in the code, not in the config) trains again
+    record = json.loads((out / "ia3" / "compare.json").read_text())
+    (out / "ia3" / "compare.json").write_text(json.dumps({**record, "lr": 1e-2}))
+    assert main(["compare", str(run_yaml), "--methods", "ia3"]) == 0
+    assert "[1/1] ia3: training again (its settings changed since the earlier run), lr 0.003" in capsys.readouterr().out
+    assert json.loads((out / "ia3" / "compare.json").read_text())["lr"] == 3e-3
+
 
 def test_compare_classifier_methods_flag_time_budget_and_overrides(tiny_bert_dir: Path, tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:

@@ -46,27 +46,36 @@ def fmt_seconds(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def earlier_record(item: MethodPlan) -> dict[str, Any] | None:
-    """Return the method's compare.json when it exists and was made with the same resolved config, else None."""
+def _record(item: MethodPlan) -> dict[str, Any] | None:
     path = item.out / RESULT_FILE
-    if not path.is_file():
-        return None
     try:
-        record = json.loads(path.read_text())
+        return json.loads(path.read_text()) if path.is_file() else None
     except json.JSONDecodeError:
         return None
-    return record if record.get("config") == item.config_json() else None
+
+
+def earlier_record(item: MethodPlan) -> dict[str, Any] | None:
+    """Return the method's compare.json when it exists and was made with the same resolved config and the same
+    learning rates, else None (a method's default rate lives in the code, not in the config)."""
+    record = _record(item)
+    if record is None:
+        return None
+    same = (record.get("config") == item.config_json() and record.get("lr") == item.lr
+            and record.get("head_lr") == item.head_lr)
+    return record if same else None
 
 
 def how_to_start(item: MethodPlan, fresh: bool) -> Start:
-    """Return ``skip`` (finished earlier with the same config), ``resume`` (a checkpoint of the same config
-    exists) or ``fresh``."""
+    """Return ``skip`` (finished earlier with the same config and rates), ``resume`` (an interrupted run of the
+    same config left a checkpoint) or ``fresh`` (also when a finished run's settings differ)."""
     from deltatune.training.checkpoint import checkpoint_dirs
 
     if fresh:
         return "fresh"
     if earlier_record(item) is not None:
         return "skip"
+    if _record(item) is not None:
+        return "fresh"
     run_file = item.out / "run.yaml"
     if run_file.is_file() and run_file.read_text() == dump_config(item.config) and checkpoint_dirs(item.out):
         return "resume"
