@@ -93,7 +93,8 @@ def test_compare_llama_report_failure_skip_and_resume(tiny_llama_dir: Path, tmp_
     assert f"- fewest trainable parameters: ia3 ({IA3_LLAMA:,}" in report
     assert "- failed: freeze (method.layers: 9" in report and "same examples in the same order" in report
     assert rows["ia3"][col["delta size"]].startswith("**") and not rows["lora"][col["delta size"]].startswith("**")
-    for ranked in ("eval loss", "tokens/s", "peak RSS MB", "latency ms/token"):  # a best in every ranked column
+    # a best in every ranked column
+    for ranked in ("eval loss", "tokens/s", "s/step", "peak RSS MB", "latency ms/token"):
         assert any(rows[m][col[ranked]].startswith("**") for m in ("lora", "ia3")), ranked
     for unranked in ("lr", "steps", "can merge"):
         assert not any(rows[m][col[unranked]].startswith("**") for m in ("lora", "ia3")), unranked
@@ -134,6 +135,7 @@ def test_compare_llama_report_failure_skip_and_resume(tiny_llama_dir: Path, tmp_
     assert lora["tokens_per_s"] is None and lora["trainable_params"] == LORA_R2_LLAMA
     report = (out / "report.md").read_text()
     assert list(rows_of(report)) == ["lora", "ia3"] and "resumed after an interruption: lora" in report
+    assert rows_of(report)["lora"][header_of(report).index("s/step")] == "-"  # its loop trained no step
 
     # a method whose default rate changed since (it lives in the code, not in the config) trains again
     record = json.loads((out / "ia3" / "compare.json").read_text())
@@ -214,13 +216,16 @@ def test_plan_learning_rates_aliases_notes_and_all(tiny_llama_dir: Path, tmp_pat
     ia3 = by_key["ia3"]
     assert runner.how_to_start(ia3, fresh=False) == "fresh"
     ia3.out.mkdir(parents=True)
-    (ia3.out / "compare.json").write_text(json.dumps({"config": ia3.config_json()}))
+    (ia3.out / "compare.json").write_text(json.dumps({"config": ia3.config_json(), "lr": ia3.lr, "head_lr": None}))
     assert runner.how_to_start(ia3, fresh=False) == "skip" and runner.how_to_start(ia3, fresh=True) == "fresh"
     (ia3.out / "compare.json").write_text(json.dumps({"config": {**ia3.config_json(), "model": {}}}))
     assert runner.how_to_start(ia3, fresh=False) == "fresh"
     (ia3.out / "run.yaml").write_text(dump_config(ia3.config))
     (ia3.out / "checkpoints" / "step-000002").mkdir(parents=True)
     (ia3.out / "checkpoints" / "step-000002" / "state.json").write_text("{}")
+    # a finished run of other settings (its compare.json) with its final checkpoint: train again, not resume
+    assert runner.how_to_start(ia3, fresh=False) == "fresh"
+    (ia3.out / "compare.json").unlink()  # a run deletes it when it starts: this checkpoint is an interrupted run's
     assert runner.how_to_start(ia3, fresh=False) == "resume"
     (ia3.out / "run.yaml").write_text(dump_config(by_key["lora"].config))
     assert runner.how_to_start(ia3, fresh=False) == "fresh"

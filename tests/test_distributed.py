@@ -216,7 +216,10 @@ def test_fsdp_resume_after_a_killed_rank_equals_the_uninterrupted_run(method: st
         (tmp_path / name).mkdir()
     assert spawn(args(tiny_llama_dir, chat_data, tmp_path / "a", *settings), tmp_path / "straight") == [0, 0]
     argv = args(tiny_llama_dir, chat_data, tmp_path / "b", *settings)
-    assert spawn(argv, tmp_path / "killed", die={1: (4, signal.SIGKILL)})[0] == 2
+    # the survivor stops (the clean error is test_a_killed_rank_stops_the_job_...'s subject); under FSDP2 it
+    # sometimes aborts instead: gloo's I/O thread meets the reset connection of an in-flight async collective
+    # and throws where no caller can catch it (terminate -> SIGABRT, a known gloo race, cf. pytorch#50701)
+    assert spawn(argv, tmp_path / "killed", die={1: (4, signal.SIGKILL)})[0] in (2, -signal.SIGABRT)
     assert checkpoint_dirs(tmp_path / "b")[-1].name == "step-000002"
     assert spawn([*argv, "--resume"], tmp_path / "resumed") == [0, 0]
     a, b = delta(tmp_path / "a"), delta(tmp_path / "b")

@@ -65,6 +65,48 @@ def test_the_python_api_trains_twice_in_one_process(tiny_llama_dir: Path, tmp_pa
         result = dt.train(cfg, progress=False)
         assert result.steps == 2 and (tmp_path / run / "adapter_model.safetensors").is_file()
 
+
+def test_train_seconds_leave_out_evaluations_and_checkpoints(tiny_llama_dir: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import deltatune as dt
+
+    real = loop.eval_loss
+
+    def slow_eval(*a: object, **k: object) -> object:
+        time.sleep(1.5)
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "eval_loss", slow_eval)
+    data = write_chat_data(tmp_path / "d.jsonl", n=16)
+    cfg = dt.load_config(None, [f"model.name={tiny_llama_dir}", f"data.train={data}", "data.eval=0.25",
+                                "method.r=4", f"output.dir={tmp_path / 'run'}", "train.max_steps=3",
+                                "train.batch_size=4", "train.eval_every=1", "train.save_every=1"])
+    result = dt.train(cfg, progress=False)
+    assert result.steps == 3 and result.seconds > 6.0  # four evaluations of 1.5 s, two inside the loop
+    assert result.train_seconds < 1.5  # three tiny steps; the evaluations between them are not training
+
+
+def test_the_speed_techniques_switch_off_one_by_one_with_the_same_losses(
+        tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import deltatune.training.loss as loss_module
+
+    data = write_chat_data(tmp_path / "d.jsonl", n=16)
+    runs = {"on": (), "off": ("train.packed_attention=false", "train.fused_modules=false",
+                              "train.chunked_loss=false")}
+    losses, printed = {}, {}
+    for name, extra in runs.items():
+        if name == "off":  # the chunked loss must not run at all
+            monkeypatch.setattr(loss_module, "linear_cross_entropy_sum", lambda *a, **k: pytest.fail("chunked"))
+        assert main(train_args(tiny_llama_dir, data, tmp_path / name, "train.max_steps=3", *extra)) == 0
+        printed[name] = capsys.readouterr().out
+        losses[name] = [m["loss"] for m in metrics(tmp_path / name) if "loss" in m]
+    for line in ("attention: packed rows attend per example", "fused RMSNorm/SwiGLU"):
+        assert line in printed["on"] and line not in printed["off"]
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-5)
+
 RESUME_CASES = {
     "lora": ("method.r=4", "method.dropout=0.1"),
     # pruned after step 4 of 8, interrupted in the fixed-mask phase: the mask must come back on resume

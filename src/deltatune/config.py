@@ -150,6 +150,15 @@ class TrainConfig(Section):
     """Packed causal-LM batches: a micro-batch whose examples hold more tokens than this runs as several
     rows of at most this many tokens (an example is never split), gradients accumulated. The same math and,
     on a CPU, the same speed, with activation memory bounded by this number; null: one row per micro-batch."""
+    packed_attention: bool = True
+    """Packed causal-LM rows attend per example with the fused causal sdpa kernel (no T x T mask; models on
+    transformers' attention interface); false: the block-diagonal mask (the same math, slower)."""
+    fused_modules: bool = True
+    """Llama-style RMSNorm and SwiGLU run as fused autograd functions that keep fewer activations for backward
+    (checked against the model's own modules at start); false: the model's own modules."""
+    chunked_loss: bool = True
+    """The output layer and cross-entropy run in chunks of 256 supervised rows, so the full logits never exist
+    (Llama/Mistral/Qwen heads, one process); false: the output layer at the supervised positions, then the loss."""
     gradient_checkpointing: bool = False
     """Recompute each block's activations in the backward pass: much less memory, about 30% more time."""
     schedule: Literal["linear", "cosine", "constant"] = "cosine"

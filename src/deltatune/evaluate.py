@@ -24,8 +24,10 @@ def eval_loss(
     mode: str,
     pad_id: int,
     device: torch.device,
+    chunked: bool = True,
 ) -> dict[str, float]:
-    """Return the token-mean loss (and perplexity, or accuracy for classifiers) over ``examples``."""
+    """Return the token-mean loss (and perplexity, or accuracy for classifiers) over ``examples``
+    (``chunked=False``: the output layer, then the loss, as ``train.chunked_loss: false`` asks)."""
     was_training = model.training
     model.eval()
     total, count, correct = 0.0, 0, 0
@@ -38,7 +40,7 @@ def eval_loss(
                 loss, n, ok = classification_loss_sum(model, batch)
                 correct += ok
             else:
-                loss, n = causal_lm_loss_sum(model, batch)
+                loss, n = causal_lm_loss_sum(model, batch, chunked=chunked)
             total += float(loss)
             count += n
     finally:

@@ -73,6 +73,13 @@ def memory_key(records: list[dict[str, Any]]) -> tuple[str, str]:
     return "peak_rss_mb", "peak RSS MB"
 
 
+def _seconds_per_step(record: dict[str, Any]) -> float | None:
+    """Seconds per optimizer step of the step loop (None for a resumed run: its loop trained only the rest)."""
+    if record.get("resumed") or not record.get("steps") or record.get("train_seconds") is None:
+        return None
+    return float(record["train_seconds"]) / int(record["steps"])
+
+
 def columns(plan: ComparePlan, records: list[dict[str, Any]]) -> list[Column]:
     """Return the report's columns for this plan (its metric) and these records (their device)."""
     mem, mem_header = memory_key(records)
@@ -85,6 +92,7 @@ def columns(plan: ComparePlan, records: list[dict[str, Any]]) -> list[Column]:
                lambda r: "-" if r.get("delta_bytes") is None else fmt_bytes(r["delta_bytes"]), "min"),
         Column(mem_header, _num(mem), lambda r: _opt("{:,.0f}")(r.get(mem)), "min"),
         Column("tokens/s", _num("tokens_per_s"), lambda r: _opt("{:,.0f}")(r.get("tokens_per_s")), "max"),
+        Column("s/step", _seconds_per_step, lambda r: _opt("{:.2f}")(_seconds_per_step(r)), "min"),
         Column("steps", _num("steps"), lambda r: _opt("{}")(r.get("steps"))),
         Column("wall time", _num("wall_seconds"),
                lambda r: "-" if r.get("wall_seconds") is None else fmt_duration(r["wall_seconds"]), "min"),
@@ -201,8 +209,8 @@ def notes(plan: ComparePlan, records: list[dict[str, Any]]) -> list[str]:
                                if mem_header.startswith("peak GPU") else
                                "peak resident set size of the training process (includes the process itself: "
                                "torch, the tokenizer, the model)."),
-        "- tokens/s: non-padding tokens per second of the step loop; wall time: the whole training run (loading, "
-        "evaluations, steps, saving).",
+        "- tokens/s: non-padding tokens per second of the step loop; s/step: seconds per optimizer step of the "
+        "step loop (evaluations excluded); wall time: the whole training run (loading, evaluations, steps, saving).",
         f"- latency: {unit}, median of {plan.settings.latency_repeats} runs after a warm-up"
         + (f" (greedy generation of {plan.settings.latency_tokens} tokens with the KV cache, prompt prefill included)"
            if plan.task == "causal_lm" else " (one forward of a batch of eval inputs)")

@@ -67,7 +67,8 @@ def earlier_record(item: MethodPlan) -> dict[str, Any] | None:
 
 def how_to_start(item: MethodPlan, fresh: bool) -> Start:
     """Return ``skip`` (finished earlier with the same config and rates), ``resume`` (an interrupted run of the
-    same config left a checkpoint) or ``fresh`` (also when a finished run's settings differ)."""
+    same config left a checkpoint) or ``fresh`` (also when the last run finished with other settings: a run
+    deletes its method's compare.json when it starts, so one that exists belongs to a finished run)."""
     from deltatune.training.checkpoint import checkpoint_dirs
 
     if fresh:
@@ -229,6 +230,7 @@ def _run_methods(plan: ComparePlan, *, fresh: bool, verbose: bool, say: Callable
             tail = f", ETA ~{fmt_seconds(eta)}" if eta is not None else ""
             print(f"\r\033[K{tag}: {where}, {fmt_seconds(elapsed)}{tail}", end="", flush=True)
 
+        (item.out / RESULT_FILE).unlink(missing_ok=True)  # from now on a compare.json is this run's: finished
         started = time.monotonic()
         try:
             code, error = run_child(item, plan, resume, verbose=verbose, status=status if live else None)

@@ -166,9 +166,10 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> Tr
 
     t = cfg.train
     mode = cfg.data.batching if data.task == "causal_lm" else ("pad" if cfg.data.batching == "pad" else "bucket")
-    if mode == "pack" and data.task == "causal_lm" and method.packed_attention and enable_packed_attention(model):
+    if (mode == "pack" and data.task == "causal_lm" and t.packed_attention and method.packed_attention
+            and enable_packed_attention(model)):
         say("attention: packed rows attend per example (no block mask)")
-    if data.task == "causal_lm" and use_fused_modules(model):
+    if data.task == "causal_lm" and t.fused_modules and use_fused_modules(model):
         say("fused RMSNorm/SwiGLU: norms and feed-forwards keep fewer activations for backward (same math)")
     lengths = [len(ex.input_ids) for ex in train_set]
     per_step = t.grad_accum * ctx.world  # micro-batches per optimizer step, over all ranks
@@ -231,7 +232,7 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> Tr
         if not eval_set:
             return {}
         figures = eval_loss(inner, eval_set, task=data.task, batch_size=t.batch_size, mode=mode, pad_id=pad_id,
-                            device=device)
+                            device=device, chunked=t.chunked_loss)
         metrics.write({"step": step, **figures})
         return figures
 
@@ -257,7 +258,7 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> Tr
             say("eval at start: " + _fmt(result.eval_start))
         result.generation_start = generations(0, "before training")
 
-    loop_started = time.perf_counter()
+    loop_started, paused = time.perf_counter(), 0.0
     deadline = loop_started + t.max_seconds if t.max_seconds else math.inf
     tokens_before = state.tokens_seen
     bar = Progress(total_steps, state.step, enabled=progress and ctx.is_main)
@@ -281,12 +282,14 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> Tr
                 if state.step % t.log_every == 0 or state.step == total_steps:
                     metrics.write({"step": state.step, "epoch": state.epoch, "loss": last_loss, "lr": lr_now,
                                    "grad_norm": grad_norm, "tokens": state.tokens_seen, "tokens_per_s": rate})
+                pause = time.perf_counter()  # evaluations and checkpoints do not count as training time
                 if t.eval_every and state.step % t.eval_every == 0 and state.step < total_steps:
                     figures = evaluate(state.step)
                     if ctx.is_main:
                         bar.write(f"step {state.step}: " + _fmt(figures))
                 if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:
                     checkpoint()
+                paused += time.perf_counter() - pause
                 if time.perf_counter() >= deadline:  # train.max_seconds: stop after the step that used it up
                     break
             if state.cursor >= len(plan):
@@ -305,7 +308,7 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> Tr
         raise Interrupted(f"interrupted at step {state.step}; checkpoint written to {ckpt}; "
                           "continue with the same command and --resume") from None
     bar.close()
-    result.train_seconds = time.perf_counter() - loop_started
+    result.train_seconds = time.perf_counter() - loop_started - paused
     result.train_tokens = state.tokens_seen - tokens_before
     if state.step < total_steps:
         say(f"time budget train.max_seconds={t.max_seconds:g} used up: stopped after step {state.step} of "

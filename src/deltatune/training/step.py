@@ -55,7 +55,7 @@ def run_step(run: StepRun, share: list[tuple[list[int], bool]]) -> tuple[float, 
     for k, batch in enumerate(batches):
         batch = {key: v.to(run.device) for key, v in batch.items()}
         with micro_batch(run.model, ctx, sync=k == len(batches) - 1):
-            loss, _ = loss_sum(run.model, batch, run.task, chunked=not ctx.enabled)
+            loss, _ = loss_sum(run.model, batch, run.task, chunked=run.t.chunked_loss and not ctx.enabled)
             scaled = loss / max(total, 1)
             if ctx.enabled:  # the ranks' gradients are averaged: x world gives their sum
                 scaled = scaled * (ctx.world if real[k] else 0.0)
