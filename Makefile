@@ -33,6 +33,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/speed.py
+	$(BIN)/python bench/techniques.py
 	$(BIN)/python bench/alpaca_lora.py
 
 clean:

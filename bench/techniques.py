@@ -15,7 +15,8 @@ same order for every variant: speed.py's plan). The variants, each in its own pr
   functions (training/fused.py).
 - ``train.chunked_loss=false``: the output layer at the supervised positions, then the loss, instead of the
   chunked output layer + cross-entropy (training/chunked_ce.py).
-- ``train.pass_tokens=null``: each step's 8 examples as one packed row instead of rows of at most 640 tokens.
+- ``train.pass_tokens=null``: each step's 8 examples as one packed row instead of rows of at most 640 tokens;
+  and the same with the block-diagonal mask (attention's share grows with the row: the mask's cost shows there).
 
 Printed: useful tokens/s (steps 2..N), seconds per step, peak resident memory, the loss at the last step and
 each variant's tokens/s and memory relative to the defaults; also written to runs/bench-techniques/results.json.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,6 +42,7 @@ VARIANTS = {
     "fused RMSNorm/SwiGLU off": ["train.fused_modules=false"],
     "chunked output layer + loss off": ["train.chunked_loss=false"],
     "one row per step (pass_tokens off)": ["train.pass_tokens=null"],
+    "one row per step + block mask": ["train.pass_tokens=null", "train.packed_attention=false"],
 }
 
 
@@ -68,8 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     rows: dict[str, dict[str, Any]] = {}
     for name in names:
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        raw = speed.run_child("deltatune", {**spec, "name": "deltatune", "tag": name.replace(" ", "-"),
-                                            "deltatune": VARIANTS[name], "out": str(out / "run")}, out / "logs")
+        tag = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+        raw = speed.run_child("deltatune", {**spec, "name": "deltatune", "tag": tag, "deltatune": VARIANTS[name],
+                                            "out": str(out / "run")}, out / "logs")
         if raw is not None:
             rows[name] = {**speed.summarize(raw), "same_examples": raw["same_examples"]}
     ref = rows.get("defaults")
