@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     spec = {**base, "max_length": 512, "steps": opts.steps, "max_examples": speed.BATCH * (opts.steps + 1),
             "work": str(out / "work.json")}
     while speed.prepare_work({**spec, "out": str(out / "work")}) is None:  # long examples dropped: read more
+        if spec["max_examples"] > 100 * speed.BATCH * opts.steps:
+            sys.exit(f"{spec['data']}: too few examples of at most 512 tokens for {opts.steps} steps")
         spec["max_examples"] += speed.BATCH
     print(f"# bench/techniques.py: {inputs['model']}, {opts.steps} steps of {speed.BATCH} examples, max_length 512, "
           f"LoRA r {speed.RANK} all-linear, float32, {speed_opts.threads} threads\n")

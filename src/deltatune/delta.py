@@ -10,10 +10,6 @@ Every file is written to a temporary name and renamed into place, so a crash lea
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +21,7 @@ from torch import nn
 
 from deltatune.config import MethodConfig, ModelConfig
 from deltatune.errors import DeltatuneError
+from deltatune.files import write_atomic, write_folder_atomic, write_text_atomic
 from deltatune.methods import Method, build_method, method_config_class
 from deltatune.models import LoadedModel, load_model
 from deltatune.quantize import dequantize_model, quantization_of
@@ -32,24 +29,6 @@ from deltatune.quantize import dequantize_model, quantization_of
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CARD_FILE = "README.md"
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (same folder, atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
-    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def save_delta(
@@ -235,15 +214,8 @@ def save_merged(delta: LoadedDelta, out_dir: str | Path, dtype: str = "float32")
     dequantize_model(delta.loaded.model, torch.float32)
     model = delta.method.merge(delta.loaded.model)
     model.to(torch_dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp), safe_serialization=True)
         delta.loaded.tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return write_folder_atomic(out, write)

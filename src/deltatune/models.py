@@ -13,8 +13,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from torch import nn
 
 from deltatune.config import ModelConfig
 from deltatune.errors import DeltatuneError
+from deltatune.files import write_folder_atomic
 from deltatune.quantize import prepare_for_training as prepare_for_training  # re-exported for the loop
 from deltatune.quantize import quantize_model, spec_from_config
 
@@ -98,10 +97,9 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     print(f"converting {gguf.name} to safetensors once (about 40 s); cached in {out}", flush=True)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
-    try:
-        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+
+    def write(tmp: Path) -> None:
         state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = model.config.to_dict()
@@ -109,13 +107,8 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         model.generation_config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return write_folder_atomic(out, write)
 
 
 def resolve_source(name: str) -> str:

@@ -120,8 +120,8 @@ def run(cfg: RunConfig, *, resume: bool, latency_tokens: int, latency_repeats: i
 def main() -> int:
     """Read the request from stdin, run it, write compare.json; return the exit code (see the module doc)."""
     from deltatune.config import config_from_dict
-    from deltatune.delta import write_text_atomic
     from deltatune.errors import DeltatuneError
+    from deltatune.files import write_text_atomic
     from deltatune.training.loop import Interrupted
 
     request = json.loads(sys.stdin.read())

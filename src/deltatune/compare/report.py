@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from deltatune.compare.plan import ComparePlan
 from deltatune.compare.runner import fmt_seconds
-from deltatune.delta import write_text_atomic
+from deltatune.files import write_text_atomic
 
 METRIC_NAMES = {"accuracy": "accuracy", "exact_match": "exact match"}
 ERROR_CELL = 160  # characters of a failure shown in the table (the verdict and results.json have all of it)

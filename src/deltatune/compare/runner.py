@@ -54,15 +54,17 @@ def _record(item: MethodPlan) -> dict[str, Any] | None:
         return None
 
 
+def _same_settings(record: dict[str, Any], item: MethodPlan) -> bool:
+    # the learning rates too: a method's default rate lives in the code, not in the config
+    return (record.get("config") == item.config_json() and record.get("lr") == item.lr
+            and record.get("head_lr") == item.head_lr)
+
+
 def earlier_record(item: MethodPlan) -> dict[str, Any] | None:
     """Return the method's compare.json when it exists and was made with the same resolved config and the same
-    learning rates, else None (a method's default rate lives in the code, not in the config)."""
+    learning rates, else None."""
     record = _record(item)
-    if record is None:
-        return None
-    same = (record.get("config") == item.config_json() and record.get("lr") == item.lr
-            and record.get("head_lr") == item.head_lr)
-    return record if same else None
+    return record if record is not None and _same_settings(record, item) else None
 
 
 def how_to_start(item: MethodPlan, fresh: bool) -> Start:
@@ -73,10 +75,9 @@ def how_to_start(item: MethodPlan, fresh: bool) -> Start:
 
     if fresh:
         return "fresh"
-    if earlier_record(item) is not None:
-        return "skip"
-    if _record(item) is not None:
-        return "fresh"
+    record = _record(item)
+    if record is not None:
+        return "skip" if _same_settings(record, item) else "fresh"
     run_file = item.out / "run.yaml"
     if run_file.is_file() and run_file.read_text() == dump_config(item.config) and checkpoint_dirs(item.out):
         return "resume"

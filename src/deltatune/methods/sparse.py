@@ -65,7 +65,6 @@ from deltatune.quantize import refuse_quantized
 
 L_LOW, R_HIGH, BETA = -1.5, 1.5, 1.0
 OPEN_GATE = 100.0  # log_alpha at which the eval gate is exactly 1 in float32
-FIXED_MASK_LR_SCALE = 50.0
 
 
 class DiffPruningConfig(MethodConfig):
@@ -83,7 +82,7 @@ class DiffPruningConfig(MethodConfig):
     prune_at: float = Field(default=0.5, gt=0, le=1)
     """Fraction of the steps after which the diff is pruned to `sparsity`; the kept entries then train
     under the fixed mask for the rest (1.0: prune only at the end)."""
-    fixed_mask_lr_scale: float = Field(default=FIXED_MASK_LR_SCALE, gt=0)
+    fixed_mask_lr_scale: float = Field(default=50.0, gt=0)
     """After pruning, the kept entries train at this multiple of the diff's rate: a sparse update needs
     larger steps per entry than a dense one (as pafi's rates show), and it must win back what pruning took."""
     targets: str | list[str] = "all-linear"

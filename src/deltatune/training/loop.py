@@ -26,9 +26,10 @@ import torch
 
 from deltatune.config import RunConfig, dump_config
 from deltatune.data import padding_waste, plan_batches
-from deltatune.delta import save_delta, write_text_atomic
+from deltatune.delta import save_delta
 from deltatune.errors import DeltatuneError
 from deltatune.evaluate import eval_loss, exact_match
+from deltatune.files import write_text_atomic
 from deltatune.methods import build_method, head_names, trainable_parameters
 from deltatune.models import load_model, prepare_for_training
 from deltatune.training.attention import enable_packed_attention
