@@ -184,7 +184,8 @@ def test_output_dir_is_not_overwritten_by_accident(tiny_llama_dir: Path, tmp_pat
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert main(train_args(tiny_llama_dir, data, out, "train.max_steps=1")) == 2
-    assert "already holds files" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert "already holds files deltatune did not write (keep.txt)" in capsys.readouterr().err
+    assert (out / "keep.txt").exists()
     assert main([*train_args(tiny_llama_dir, data, out, "train.max_steps=1"), "--resume"]) == 2
     assert "no checkpoint to resume" in capsys.readouterr().err
 

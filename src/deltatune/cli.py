@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _launch_torchrun(args.nproc, config, overrides, args)
     if cfg.data.train is None:
         # the demo: its settings first, so the user's own overrides still win
-        cfg = load_config(config, [*demo_overrides(), *overrides])
+        cfg = load_config(config, [*demo_overrides(cfg.output.dir), *overrides])
         print("no data.train given: running the built-in demo (LoRA teaches SmolLM2-135M-Instruct to write "
               "dates in ISO 8601)", flush=True)
     train(cfg, resume=args.resume, progress=not args.no_progress)
@@ -178,8 +178,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import torch
 
     from deltatune.delta import load_delta, save_merged
+    from deltatune.outputs import check_new_folder
     from deltatune.quantize import QuantSpec
 
+    check_new_folder(args.out, "merge: OUT")  # before the slow load
     delta = load_delta(args.delta, device="cpu")
     quant = delta.info.quantization
     probe = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
@@ -481,13 +483,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except DeltatuneError as err:
-        from deltatune.training.loop import Interrupted
-
         print(f"deltatune: {err}", file=sys.stderr)
-        return 130 if isinstance(err, Interrupted) else 2
-    except KeyboardInterrupt:
-        print("deltatune: interrupted", file=sys.stderr)
-        return 130
+        return getattr(err, "exit_code", 2)  # Interrupted: 130 (Ctrl-C) or 143 (SIGTERM)
+    except KeyboardInterrupt as stop:
+        from deltatune.training.loop import Terminated
+
+        terminated = isinstance(stop, Terminated)
+        print(f"deltatune: {'stopped by SIGTERM' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
 
 
 if __name__ == "__main__":

@@ -190,7 +190,14 @@ class OutputConfig(Section):
     dir: str = "runs/demo"
     """Where the delta, checkpoints, metrics.jsonl and run.yaml are written."""
     overwrite: bool = False
-    """Allow writing into a non-empty output folder that is not being resumed."""
+    """Replace an earlier run in output.dir (only a folder deltatune wrote, holding only what it wrote)."""
+
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _named(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise ValueError("empty; name a folder for the run, e.g. runs/my-run")
+        return value
 
 
 class RunConfig(Section):

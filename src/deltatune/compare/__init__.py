@@ -48,12 +48,15 @@ def compare(path: str | Path | None, overrides: list[str] | None = None, *, meth
     ``methods`` (e.g. ``["lora", "ia3"]`` or ``["all"]``) wins over ``compare.methods``; ``out`` over
     ``output.dir``. Methods finished by an earlier run with the same settings are skipped (``fresh``
     retrains them); a failing method is reported as failed while the others run. Raises ConfigError
-    before anything trains when the file or data is invalid, and CompareInterrupted on Ctrl-C.
+    before anything trains when the file or data is invalid or the output folder holds files deltatune did
+    not write (it writes only into a new, empty or earlier comparison's folder, and holds a lock on it while
+    it runs), and CompareInterrupted on Ctrl-C or SIGTERM.
     """
     from deltatune.compare.plan import load_plan
     from deltatune.compare.plots import write_plots
     from deltatune.compare.report import write_report, write_results
     from deltatune.compare.runner import run_methods
+    from deltatune.outputs import locked_output
 
     plan = load_plan(path, overrides, methods=methods, out=out)
     for note in plan.notes:
@@ -61,11 +64,11 @@ def compare(path: str | Path | None, overrides: list[str] | None = None, *, meth
     say(f"comparing {len(plan.methods)} methods ({', '.join(m.key for m in plan.methods)}) on "
         f"{plan.n_train} training examples, seed {plan.methods[0].config.train.seed if plan.methods else '-'}; "
         f"writing to {plan.out}/")
-    plan.out.mkdir(parents=True, exist_ok=True)
-    records = run_methods(plan, fresh=fresh, verbose=verbose, say=say)
-    plots = write_plots(records, plan.metric, plan.out)
-    report = write_report(plan, records, plots)
-    results = write_results(plan, records)
+    with locked_output(plan.out, "--out" if out is not None else "output.dir", "compare"):
+        records = run_methods(plan, fresh=fresh, verbose=verbose, say=say)
+        plots = write_plots(records, plan.metric, plan.out)
+        report = write_report(plan, records, plots)
+        results = write_results(plan, records)
     return CompareResult(plan.out, report, results, plots, records)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from deltatune.compare.settings import ALIASES, CompareSettings, all_methods, parse_settings
 from deltatune.config import RunConfig, config_from_dict, read_config_tree
 from deltatune.errors import ConfigError
+from deltatune.outputs import check_output_path
 
 DEFAULT_OUT = "runs/compare"
 BUDGET_KEYS = ("seed", "batch_size", "grad_accum", "epochs", "max_steps", "max_seconds")
@@ -153,7 +154,12 @@ def plan_from_tree(tree: dict[str, Any], source: str = "config", *, methods: lis
     settings = parse_settings(tree.pop("compare", None), source)
     base_method = tree.pop("method", None)
     output = tree.pop("output", None) or {}
-    out_dir = Path(out or (output.get("dir") if isinstance(output, dict) else None) or DEFAULT_OUT)
+    if out is not None:
+        out_dir = check_output_path(out, "--out")
+    elif isinstance(output, dict) and "dir" in output:  # given, maybe as an empty value (`output.dir=`)
+        out_dir = check_output_path(str(output["dir"] or ""), "output.dir")
+    else:
+        out_dir = Path(DEFAULT_OUT)
     base_cfg = config_from_dict(tree, source)  # every section but method, checked once
     if base_cfg.data.train is None:
         raise ConfigError(f"{source}: data.train: compare needs training data (a file or hub:NAME); the built-in "

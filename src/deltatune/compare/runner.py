@@ -26,7 +26,7 @@ from typing import Any, Literal
 from deltatune.compare.child import RESULT_FILE
 from deltatune.compare.plan import ComparePlan, MethodPlan
 from deltatune.config import dump_config
-from deltatune.training.loop import Interrupted
+from deltatune.training.loop import Interrupted, Terminated, sigterm_as_interrupt
 
 Start = Literal["skip", "resume", "fresh"]
 LOGS = "logs"
@@ -178,23 +178,14 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _terminate_as_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def run_methods(plan: ComparePlan, *, fresh: bool = False, verbose: bool = False,
                 say: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run every method of ``plan`` (skipping those finished earlier with the same config, unless ``fresh``);
     print a line per method start and finish with the overall ETA; return one record per method, in plan
     order. Raises CompareInterrupted on Ctrl-C, and on SIGTERM, which is handled the same way (the running
     method writes a checkpoint and stops; no further method starts)."""
-    if threading.current_thread() is not threading.main_thread():
+    with sigterm_as_interrupt():
         return _run_methods(plan, fresh=fresh, verbose=verbose, say=say)
-    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    try:
-        return _run_methods(plan, fresh=fresh, verbose=verbose, say=say)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_methods(plan: ComparePlan, *, fresh: bool, verbose: bool, say: Callable[[str], None]
@@ -235,14 +226,15 @@ def _run_methods(plan: ComparePlan, *, fresh: bool, verbose: bool, say: Callable
         started = time.monotonic()
         try:
             code, error = run_child(item, plan, resume, verbose=verbose, status=status if live else None)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             if live:
                 print()
             done = sum(1 for r in records if r.get("status") == "finished")
+            how, code = ("stopped by SIGTERM", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
             raise CompareInterrupted(
-                f"interrupted while {item.key} was running ({done} of {n} methods finished). Run the same command "
+                f"{how} while {item.key} was running ({done} of {n} methods finished). Run the same command "
                 f"again to continue: finished methods are skipped and {item.key} resumes from its checkpoint "
-                "(or starts again if it had not written one)") from None
+                "(or starts again if it had not written one)", code) from None
         if live:
             print("\r\033[K", end="", flush=True)
         seconds = time.monotonic() - started

@@ -13,11 +13,15 @@ alone prints and writes files. In a single process none of that code runs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,7 @@ from deltatune.training.checkpoint import (
     checkpoint_dirs,
     load_extra,
     load_trainable,
+    newest_intact_checkpoint,
     read_state,
     save_checkpoint,
 )
@@ -60,6 +65,7 @@ from deltatune.training.fused import use_fused_modules
 from deltatune.training.optim import build_optimizer, build_scheduler, peak_learning_rates
 from deltatune.training.progress import MetricsLog, Progress
 from deltatune.training.setup import (
+    METRICS_FILE,
     RUN_FILE,
     load_run_data,
     prepare_output_dir,
@@ -70,7 +76,34 @@ from deltatune.training.step import run_step as _step
 
 
 class Interrupted(DeltatuneError):
-    """Training was stopped with Ctrl-C (in a single process, after a checkpoint was written)."""
+    """Training was stopped with Ctrl-C or SIGTERM (in a single process, after a checkpoint was written).
+    ``exit_code`` is the shell's convention for the signal: 130 (SIGINT) or 143 (SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and containers send to stop a job), raised where the run is, as Ctrl-C is."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises :class:`Terminated` (a KeyboardInterrupt), so a run stops as on Ctrl-C:
+    checkpoint, one line. Only the main thread can set a handler; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class RankFailure(DeltatuneError):
@@ -111,11 +144,17 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Tra
     torchrun it writes none: resume from the last ``train.save_every`` checkpoint). Under torchrun every
     rank calls this; a failed collective raises RankFailure naming the last complete checkpoint.
     """
-    ctx = init_distributed(cfg)
-    if not ctx.enabled:
-        return _train(cfg, ctx, resume, progress)
+    with sigterm_as_interrupt(), contextlib.ExitStack() as stack:  # the stack holds the output folder's lock
+        ctx = init_distributed(cfg)
+        if not ctx.enabled:
+            return _train(cfg, ctx, resume, progress, stack)
+        return _train_distributed(cfg, ctx, resume, progress, stack)
+
+
+def _train_distributed(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool,
+                       stack: contextlib.ExitStack) -> TrainResult:
     try:
-        return _train(rank_config(cfg, ctx), ctx, resume, progress)
+        return _train(rank_config(cfg, ctx), ctx, resume, progress, stack)
     except RuntimeError as err:
         if not is_comm_failure(err):
             raise
@@ -128,7 +167,8 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Tra
         teardown(ctx)
 
 
-def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> TrainResult:
+def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool,
+           stack: contextlib.ExitStack) -> TrainResult:
     started = time.perf_counter()
     say = _say if ctx.is_main else _quiet
     if cfg.train.max_seconds and ctx.enabled:  # each rank's clock would stop it at a different step
@@ -137,7 +177,7 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> Tr
         torch.set_num_threads(cfg.train.threads)
     # the user's data is read and checked before output.overwrite may clear an old run
     data = load_run_data(cfg, Path(cfg.output.dir), None) if cfg.data.train is not None else None
-    out = ctx.main_first(lambda: prepare_output_dir(cfg, resume)) or Path(cfg.output.dir)
+    out = ctx.main_first(lambda: prepare_output_dir(cfg, resume, stack)) or Path(cfg.output.dir)
     if data is None:  # the demo writes its generated data into the (prepared) output folder
         with tempfile.TemporaryDirectory(prefix="deltatune-") as private:  # demo data of ranks other than 0
             data = load_run_data(cfg, out, None if ctx.is_main else Path(private))
@@ -148,7 +188,9 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> Tr
         if not checkpoint_dirs(out):
             raise DeltatuneError(f"rank {ctx.rank}: no checkpoint in {out}; resuming under torchrun needs "
                                  "output.dir on a filesystem every rank reads")
-        last = checkpoint_dirs(out)[-1]
+        last = newest_intact_checkpoint(out, say)
+        if last is None:
+            raise DeltatuneError(f"{out}: every checkpoint is damaged (see above); start a new output.dir")
         state = read_state(last, ctx.world)  # before any model is loaded
     id2label = {v: k for k, v in data.label2id.items()} if data.label2id else None
     torch.manual_seed(cfg.train.seed)
@@ -217,7 +259,7 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> Tr
         torch.set_rng_state(extra["rng_per_rank"][ctx.rank] if "rng_per_rank" in extra else extra["rng"])
         method.after_step(inner, state.step - 1, total_steps)  # restore step-dependent state (a fixed mask)
         say(f"resumed from {last} (step {state.step})")
-    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=state.step if resume else None, enabled=ctx.is_main)
+    metrics = MetricsLog(out / METRICS_FILE, keep_until_step=state.step if resume else None, enabled=ctx.is_main)
 
     def checkpoint() -> Path | None:
         """Write a checkpoint (rank 0; every rank takes part in gathering the state); return its folder."""
@@ -297,17 +339,18 @@ def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool) -> Tr
                 state.epoch, state.cursor = state.epoch + 1, 0
             if time.perf_counter() >= deadline:
                 break
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         optimizer.zero_grad(set_to_none=True)
         bar.close()
         metrics.close()
+        how, code = ("stopped by SIGTERM", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
         if ctx.enabled:  # the ranks may stop at different points, so no collective (no checkpoint) is safe
             done = checkpoint_dirs(out)[-1:] or ["none"]
-            raise Interrupted(f"interrupted at step {state.step}; last complete checkpoint: {done[0]}; "
-                              "continue with the same command and --resume") from None
+            raise Interrupted(f"{how} at step {state.step}; last complete checkpoint: {done[0]}; "
+                              "continue with the same command and --resume", code) from None
         ckpt = checkpoint()
-        raise Interrupted(f"interrupted at step {state.step}; checkpoint written to {ckpt}; "
-                          "continue with the same command and --resume") from None
+        raise Interrupted(f"{how} at step {state.step}; checkpoint written to {ckpt}; "
+                          "continue with the same command and --resume", code) from None
     bar.close()
     result.train_seconds = time.perf_counter() - loop_started - paused
     result.train_tokens = state.tokens_seen - tokens_before

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,28 +17,58 @@ from deltatune.data import (
     load_examples,
     tokenize_examples,
 )
+from deltatune.delta import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE
 from deltatune.demo import write_demo_data
 from deltatune.errors import ConfigError, DataError
-from deltatune.training.checkpoint import checkpoint_dirs
+from deltatune.outputs import (
+    check_output_path,
+    claim,
+    clear,
+    lock_output,
+    read_marker,
+    refuse_foreign,
+    remove_temporaries,
+)
+from deltatune.training.checkpoint import CHECKPOINTS, checkpoint_dirs, remove_partial_checkpoints
 
 RUN_FILE = "run.yaml"
+METRICS_FILE = "metrics.jsonl"
+DEMO_DATA = "data"
+# what a training run writes into its folder (compare.json: a compare method's record, see compare/child.py);
+# output.overwrite clears exactly these
+RUN_ENTRIES = frozenset({RUN_FILE, METRICS_FILE, CHECKPOINTS, DEMO_DATA, CONFIG_FILE, WEIGHTS_FILE, CARD_FILE,
+                         "compare.json"})
 
 
-def prepare_output_dir(cfg: RunConfig, resume: bool) -> Path:
-    """Check and create ``output.dir``; refuse to mix a new run into an old one. Returns the folder."""
-    out = Path(cfg.output.dir)
-    if resume:
-        if not checkpoint_dirs(out):
-            raise ConfigError(f"output.dir: {out} holds no checkpoint to resume; run without --resume")
-        return out
-    if out.exists() and any(out.iterdir()):
-        if not cfg.output.overwrite:
-            raise ConfigError(
-                f"output.dir: {out} already holds files; pass --resume to continue that run, "
-                "output.overwrite=true to replace it, or choose another output.dir"
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def prepare_output_dir(cfg: RunConfig, resume: bool, stack: ExitStack) -> Path:
+    """Check ``output.dir``, lock it for the run's life (the lock joins ``stack``) and claim it; return it.
+
+    A new or empty folder is claimed. A folder of an earlier run (marked, see :mod:`deltatune.outputs`) is
+    resumed with ``resume``; cleared of that run's files with ``output.overwrite``, or without it when the
+    run left neither a checkpoint nor a delta (it stopped early: a fresh start). A folder holding anything
+    deltatune did not write is refused, as is one another process is writing. What a killed write left
+    (temporary files, a half-written checkpoint folder) is removed.
+    """
+    key = "output.dir"
+    out = check_output_path(cfg.output.dir, key)
+    marker = read_marker(out) if out.is_dir() else None
+    if marker is not None and marker["kind"] != "run":
+        raise ConfigError(f"{key}: {out} holds a deltatune {marker['kind']} output, not a training run; choose "
+                          "another output.dir")
+    if resume and not checkpoint_dirs(out):
+        raise ConfigError(f"{key}: {out} holds no checkpoint to resume; run without --resume")
+    if marker is None and not resume:  # (a run of an earlier version, without a marker, may resume)
+        refuse_foreign(out, key, "run")
+    stack.enter_context(lock_output(out, key))
+    remove_temporaries(out, RUN_ENTRIES)
+    remove_partial_checkpoints(out)
+    if not resume and marker is not None:
+        if (checkpoint_dirs(out) or (out / WEIGHTS_FILE).exists()) and not cfg.output.overwrite:
+            raise ConfigError(f"{key}: {out} already holds a run; pass --resume to continue it, "
+                              "output.overwrite=true to replace it, or choose another output.dir")
+        clear(out, RUN_ENTRIES, key)
+    if marker is None or not resume:
+        claim(out, "run", demo=cfg.data.train is None)
     return out
 
 
@@ -65,7 +95,7 @@ def load_run_data(cfg: RunConfig, out_dir: Path, demo_dir: Path | None = None) -
     train_path = d.train
     eval_spec = d.eval
     if is_demo:
-        train_file, eval_file = write_demo_data(demo_dir or out_dir / "data", seed=cfg.train.seed)
+        train_file, eval_file = write_demo_data(demo_dir or out_dir / DEMO_DATA, seed=cfg.train.seed)
         train_path, eval_spec = str(train_file), str(eval_file)
     assert train_path is not None
     examples = load_examples(train_path, d.format, split=d.split, max_examples=d.max_examples,
@@ -107,7 +137,14 @@ def tokenize_run_data(cfg: RunConfig, data: RunData, tokenizer: Any
     return train, evals, report
 
 
-def demo_overrides() -> list[str]:
-    """Return the settings `deltatune train` uses when run with no config and no data (the demo)."""
-    return ["method.r=8", "method.alpha=16", "train.lr=1e-3", "train.epochs=1", "train.batch_size=8",
-            "train.warmup=0.1", "train.eval_generations=64", "output.overwrite=true"]
+def demo_overrides(output_dir: str) -> list[str]:
+    """Return the settings `deltatune train` uses when run with no config and no data (the demo). The demo
+    replaces its own earlier output, never anything else: ``output.overwrite`` is turned on only when
+    ``output_dir`` is absent or holds an earlier demo run."""
+    settings = ["method.r=8", "method.alpha=16", "train.lr=1e-3", "train.epochs=1", "train.batch_size=8",
+                "train.warmup=0.1", "train.eval_generations=64"]
+    path = Path(output_dir)
+    marker = read_marker(path) if output_dir.strip() and path.is_dir() else None
+    if marker is not None and marker.get("kind") == "run" and marker.get("demo") is True:
+        settings.append("output.overwrite=true")
+    return settings
