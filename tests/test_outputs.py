@@ -25,6 +25,7 @@ from deltatune.outputs import LOCK, MARKER, lock_output
 from deltatune.training.checkpoint import MANIFEST, checkpoint_dirs
 from deltatune.training.setup import demo_overrides
 from tests.test_train import train_args, write_chat_data
+from tests.test_user_errors import Planted
 
 SENTINEL = "thesis.txt"
 
@@ -211,35 +212,21 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(damage: str, inputs: dic
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-class Planted:
-    """Stands for a hostile object: unpickling it would run code."""
-
-    def __reduce__(self) -> tuple:
-        return (print, ("this must never run",))
-
-
 def test_a_pickle_planted_in_a_checkpoint_is_refused_in_one_line(inputs: dict[str, Path], tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     args = train_args(inputs["model"], inputs["data"], out, "train.max_steps=2", "data.eval=null")
     assert main(args) == 0
     ckpt = checkpoint_dirs(out)[-1]
-    (ckpt / "optimizer.pt").write_bytes(pickle.dumps({"optimizer": Planted()}))  # 74 bytes
+    (ckpt / "optimizer.pt").write_bytes(pickle.dumps({"optimizer": Planted()}))  # 60 bytes
     capsys.readouterr()
     # the manifest no longer matches: the checkpoint is passed over, and with no other one left, one line
     assert main([*args, "--resume"]) == 2
     captured = capsys.readouterr()
-    assert f"skipping checkpoint {ckpt}: optimizer.pt is 74 bytes" in captured.out
+    assert f"skipping checkpoint {ckpt}: optimizer.pt is 60 bytes" in captured.out
     assert "every checkpoint is damaged" in captured.err and captured.err.count("\n") == 1
-    # a hostile file with a manifest rewritten to match is refused when read, without unsafe advice
-    manifest = json.loads((ckpt / MANIFEST).read_text())
-    manifest.pop("optimizer.pt")
-    (ckpt / MANIFEST).write_text(json.dumps(manifest))
-    assert main([*args, "--resume"]) == 2
-    captured = capsys.readouterr()
-    assert f"{ckpt / 'optimizer.pt'}: holds objects other than tensors" in captured.err
-    assert "weights_only" not in captured.err + captured.out and "this must never run" not in captured.out
-    assert captured.err.count("\n") == 1
+    assert "weights_only" not in captured.err + captured.out and "never" not in captured.out
+    # without a manifest to check against, reading refuses it: tests/test_user_errors.py, pickle-planted-in-...
 
 
 def test_sigterm_checkpoints_says_one_line_and_exits_143(inputs: dict[str, Path], tmp_path: Path) -> None:

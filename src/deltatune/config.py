@@ -273,7 +273,8 @@ def _method_config(value: dict[str, Any]) -> MethodConfig:
     return method_config_class(str(value.get("name", "lora"))).model_validate(value)
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """Return a pydantic error as lines ``source: key: what is wrong``, one per problem."""
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
@@ -318,7 +319,7 @@ def config_from_dict(tree: dict[str, Any], source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source)) from None
 
 
 def read_config_tree(path: str | Path | None, overrides: list[str] | None,

@@ -10,25 +10,30 @@ Every file is written to a temporary name and renamed into place, so a crash lea
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from pydantic import ValidationError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from deltatune.config import MethodConfig, ModelConfig
+from deltatune.config import MethodConfig, ModelConfig, format_validation_error
 from deltatune.errors import DeltatuneError
 from deltatune.files import write_atomic, write_folder_atomic, write_text_atomic
 from deltatune.methods import Method, build_method, method_config_class
 from deltatune.models import LoadedModel, load_model
+from deltatune.outputs import check_new_folder
 from deltatune.quantize import dequantize_model, quantization_of
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CARD_FILE = "README.md"
+_DAMAGED = "the delta is damaged: train again or copy it again"
 
 
 def save_delta(
@@ -83,14 +88,17 @@ def read_delta_info(folder: str | Path) -> DeltaInfo:
     for f in (cfg_path, weights):
         if not f.is_file():
             raise DeltatuneError(f"{f}: not found; is {path} a delta folder written by `deltatune train`?")
+    adapter_config = _read_adapter_config(cfg_path)
+    with _open_weights(weights) as f:
+        raw_meta = (f.metadata() or {}).get("deltatune", "{}")
     try:
-        adapter_config = json.loads(cfg_path.read_text())
+        meta = json.loads(raw_meta)
     except json.JSONDecodeError as err:
-        raise DeltatuneError(f"{cfg_path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    with safe_open(str(weights), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("deltatune", "{}"))
+        raise DeltatuneError(f"{weights}: the deltatune metadata is not valid JSON ({err.msg}); {_DAMAGED}") from None
+    if not isinstance(meta, dict):
+        raise DeltatuneError(f"{weights}: the deltatune metadata is not a JSON object; {_DAMAGED}")
     if "method" in meta:
-        method_cfg = method_config_class(meta["method"].get("name", "?")).model_validate(meta["method"])
+        method_cfg = _validate_method(meta["method"], f"{weights} (deltatune metadata)")
     else:
         method_cfg = _method_config_from_peft(adapter_config, cfg_path)
     task = meta.get("task") or ("classification" if adapter_config.get("task_type") == "SEQ_CLS" else "causal_lm")
@@ -104,53 +112,120 @@ def read_delta_info(folder: str | Path) -> DeltaInfo:
     return DeltaInfo(path, adapter_config, method_cfg, task, base, id2label, quantization)
 
 
+def _read_adapter_config(cfg_path: Path) -> dict[str, Any]:
+    """The JSON object of ``adapter_config.json``; DeltatuneError naming the file when it is not one."""
+    try:
+        adapter_config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DeltatuneError(f"{cfg_path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    except UnicodeDecodeError as err:
+        raise DeltatuneError(f"{cfg_path}: not UTF-8 text ({err.reason}); {_DAMAGED}") from None
+    except OSError as err:
+        raise DeltatuneError(f"{cfg_path}: cannot read ({_os_reason(err)}); check the file's permissions") from None
+    if not isinstance(adapter_config, dict):
+        raise DeltatuneError(f"{cfg_path}: expected a JSON object of adapter settings (as peft writes), got a "
+                             f"JSON {_json_kind(adapter_config)}; {_DAMAGED}")
+    return adapter_config
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _os_reason(err: OSError) -> str:
+    """A short, lower-case reason for an OSError (``permission denied``, ``no such file or directory``)."""
+    return (err.strerror or str(err) or type(err).__name__).lower()
+
+
+@contextmanager
+def _open_weights(weights: Path) -> Iterator[Any]:
+    """``safe_open`` the delta's weights; a damaged or unreadable file raises DeltatuneError naming it."""
+    try:
+        handle = safe_open(str(weights), framework="pt")
+    except SafetensorError as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0].removeprefix("Error while deserializing ")
+        raise DeltatuneError(f"{weights}: not a readable safetensors file ({reason}); {_DAMAGED}") from None
+    except OSError as err:
+        raise DeltatuneError(f"{weights}: cannot read ({_os_reason(err)}); check the file's permissions") from None
+    with handle as f:
+        try:
+            yield f
+        except SafetensorError as err:  # a tensor whose bytes cannot be read
+            reason = (str(err).splitlines() or [type(err).__name__])[0]
+            raise DeltatuneError(f"{weights}: not a readable safetensors file ({reason}); {_DAMAGED}") from None
+
+
+def _validate_method(value: Any, where: str) -> MethodConfig:
+    """Validate a method config read from a delta; DeltatuneError naming ``where`` and the bad key."""
+    if not isinstance(value, dict):
+        raise DeltatuneError(f"{where}: the method settings are not a JSON object; {_DAMAGED}")
+    try:
+        return method_config_class(str(value.get("name", "?"))).model_validate(value)
+    except ValueError as err:  # an unknown method name, or a pydantic ValidationError (a ValueError too)
+        text = format_validation_error(err, where) if isinstance(err, ValidationError) else f"{where}: {err}"
+        raise DeltatuneError(text.replace("\n", "; ")) from None
+
+
+def _required(adapter_config: dict[str, Any], key: str, where: Path) -> Any:
+    """``adapter_config[key]``, or DeltatuneError saying the key is missing."""
+    if key not in adapter_config:
+        raise DeltatuneError(f"{where}: required key {key!r} is missing (peft_type "
+                             f"{adapter_config.get('peft_type')} needs it); {_DAMAGED}")
+    return adapter_config[key]
+
+
 def _method_config_from_peft(adapter_config: dict[str, Any], where: Path) -> MethodConfig:
     peft_type = adapter_config.get("peft_type")
     if peft_type == "LORA":
-        return method_config_class("lora").model_validate({
+        r = _required(adapter_config, "r", where)
+        return _validate_method({
             "name": "lora",
-            "r": adapter_config["r"],
-            "alpha": adapter_config.get("lora_alpha", adapter_config["r"]),
+            "r": r,
+            "alpha": adapter_config.get("lora_alpha", r),
             "dropout": adapter_config.get("lora_dropout", 0.0),
             "targets": adapter_config.get("target_modules") or "all-linear",
             "layers": adapter_config.get("layers_to_transform"),
             "use_rslora": adapter_config.get("use_rslora", False),
             "use_dora": adapter_config.get("use_dora", False),
-        })
+        }, str(where))
     if peft_type == "IA3":
-        return method_config_class("ia3").model_validate({
+        return _validate_method({
             "name": "ia3",
             "targets": adapter_config.get("target_modules") or [],
             "feedforward_targets": adapter_config.get("feedforward_modules") or [],
-        })
+        }, str(where))
     # prompt methods: a peft delta holds the encoder's output, so the init and encoder options only shape
     # the (replaced) starting values; init is `random` so loading never needs peft's tokenizer path
     if peft_type == "PROMPT_TUNING":
-        return method_config_class("prompt_tuning").model_validate({
-            "name": "prompt_tuning", "num_virtual_tokens": adapter_config["num_virtual_tokens"], "init": "random"})
+        return _validate_method({
+            "name": "prompt_tuning",
+            "num_virtual_tokens": _required(adapter_config, "num_virtual_tokens", where),
+            "init": "random",
+        }, str(where))
     if peft_type == "P_TUNING":
-        return method_config_class("p_tuning").model_validate({
+        return _validate_method({
             "name": "p_tuning",
-            "num_virtual_tokens": adapter_config["num_virtual_tokens"],
+            "num_virtual_tokens": _required(adapter_config, "num_virtual_tokens", where),
             "encoder": str(adapter_config.get("encoder_reparameterization_type") or "MLP").lower(),
             "encoder_hidden_size": adapter_config.get("encoder_hidden_size"),
             "encoder_num_layers": adapter_config.get("encoder_num_layers") or 2,
             "encoder_dropout": adapter_config.get("encoder_dropout") or 0.0,
-        })
+        }, str(where))
     if peft_type == "PREFIX_TUNING":
-        return method_config_class("prefix_tuning").model_validate({
+        return _validate_method({
             "name": "prefix_tuning",
-            "num_virtual_tokens": adapter_config["num_virtual_tokens"],
+            "num_virtual_tokens": _required(adapter_config, "num_virtual_tokens", where),
             "projection": bool(adapter_config.get("prefix_projection", False)),
             "encoder_hidden_size": adapter_config.get("encoder_hidden_size"),
-        })
+        }, str(where))
     raise DeltatuneError(f"{where}: peft_type {peft_type!r} is not supported by this deltatune version")
 
 
 def read_delta_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Return the tensors of a delta's safetensors file."""
+    """Return the tensors of a delta's safetensors file; DeltatuneError naming the file when it is damaged."""
     out: dict[str, torch.Tensor] = {}
-    with safe_open(str(Path(folder) / WEIGHTS_FILE), framework="pt") as f:
+    with _open_weights(Path(folder) / WEIGHTS_FILE) as f:
         for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
             out[key] = f.get_tensor(key)
     return out
@@ -181,7 +256,10 @@ def load_delta(folder: str | Path, *, device: str = "auto", dtype: str = "auto")
     loaded = load_model(model_cfg, task=info.task, num_labels=num_labels, id2label=info.id2label)
     method = build_method(info.method_config)
     method.attach(loaded.model)
-    method.load_delta_state_dict(loaded.model, tensors)
+    try:
+        method.load_delta_state_dict(loaded.model, tensors)
+    except DeltatuneError as err:  # the method's message says what does not fit; name the file it came from
+        raise DeltatuneError(f"{Path(folder) / WEIGHTS_FILE}: {err}") from None
     loaded.model.eval()
     return LoadedDelta(loaded, method, info)
 
@@ -202,11 +280,10 @@ def save_merged(delta: LoadedDelta, out_dir: str | Path, dtype: str = "float32")
     A quantized base is first de-quantized (every 4/8-bit layer becomes an ``nn.Linear`` in ``dtype``
     holding exactly the values the quantized layer computed with), so the delta folds into a normal
     model. Writes safetensors weights, config.json and the tokenizer into ``out_dir`` (via a temporary
-    sibling folder renamed into place); returns the folder.
+    sibling folder renamed into place), which must be new or empty: nothing is ever written over; returns
+    the folder.
     """
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise DeltatuneError(f"{out}: folder exists and is not empty; choose a new folder for the merged model")
+    out = check_new_folder(out_dir, "merge: OUT")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     if not delta.method.mergeable:
         delta.method.merge(delta.loaded.model)  # raises the method's own explanation
@@ -218,4 +295,4 @@ def save_merged(delta: LoadedDelta, out_dir: str | Path, dtype: str = "float32")
         model.save_pretrained(str(tmp), safe_serialization=True)
         delta.loaded.tokenizer.save_pretrained(str(tmp))
 
-    return write_folder_atomic(out, write)
+    return write_folder_atomic(out, write, replace=False)

@@ -13,6 +13,11 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
+import socket
+import threading
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,9 @@ from deltatune.quantize import prepare_for_training as prepare_for_training  # r
 from deltatune.quantize import quantize_model, spec_from_config
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_MAGIC = b"GGUF"
+HUB_ENDPOINT = "https://huggingface.co"
+_OTHER_SOURCES = "give a local folder (./path), a .gguf file, default or minilm"
 BUNDLED = {
     "default": "smollm2",
     "smollm2": "smollm2",
@@ -94,9 +102,15 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
         return out
     if not gguf.is_file():
         raise DeltatuneError(f"{gguf}: GGUF file not found")
+    _check_gguf_magic(gguf)
     print(f"converting {gguf.name} to safetensors once (about 40 s); cached in {out}", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as err:  # a damaged or unsupported GGUF file: gguf and transformers raise many types
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise DeltatuneError(f"model.name: {gguf}: cannot read the GGUF model ({reason}); the file may be damaged "
+                             "(download it again) or its architecture not supported by transformers") from None
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
 
     def write(tmp: Path) -> None:
@@ -111,11 +125,28 @@ def convert_gguf(gguf: Path, out_dir: Path | None = None) -> Path:
     return write_folder_atomic(out, write)
 
 
+def _check_gguf_magic(gguf: Path) -> None:
+    """Raise DeltatuneError naming ``gguf`` unless it starts with the GGUF magic bytes."""
+    try:
+        with gguf.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as err:
+        reason = (err.strerror or str(err)).lower()
+        raise DeltatuneError(f"model.name: {gguf}: cannot read ({reason}); check the file's permissions") from None
+    if magic != GGUF_MAGIC:
+        found = "the file is empty" if not magic else f"bad magic bytes {magic!r}, expected {GGUF_MAGIC!r}"
+        raise DeltatuneError(f"model.name: {gguf}: not a GGUF file ({found}); give a .gguf model file (download "
+                             "it again if it is damaged), a model folder, default or minilm")
+
+
 def resolve_source(name: str) -> str:
     """Turn ``model.name`` into something ``from_pretrained`` loads: a local folder or a hub id.
 
     Bundled names become their (cached) folders; a ``.gguf`` file is converted once; a folder must hold
-    a ``config.json``; anything else is taken as a hub id.
+    a ``config.json``. A name that starts with ``.``, ``/`` or ``~``, has more than one ``/``, or whose first
+    component is a folder here (``models/x`` where ``models/`` exists) is a local path. Anything else is a
+    hub id, checked at once (see :func:`check_hub_model`) so an unreachable hub fails in seconds, not after
+    minutes of retries.
     """
     bundled = BUNDLED.get(name.lower())
     if bundled == "smollm2":
@@ -134,9 +165,102 @@ def resolve_source(name: str) -> str:
                 "a .gguf file, `default` or `minilm`"
             )
         return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if _looks_local(name):
         raise DeltatuneError(f"model.name: {name}: no such folder")
-    return name  # a hub id; from_pretrained reports if it cannot be reached
+    check_hub_model(name)
+    return name
+
+
+def _looks_local(name: str) -> bool:
+    """Whether a name that does not exist is meant as a local path rather than a hub id ``org/name``."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        return True
+    first = Path(name).parts[0] if "/" in name else None
+    return first is not None and Path(first).is_dir()
+
+
+def _env_true(var: str) -> bool:
+    return os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _hf_hub_cache() -> Path:
+    """The Hugging Face hub cache folder, read from the environment now (as huggingface_hub does at import)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.path.expandvars(os.environ[var])).expanduser()
+    home = os.environ.get("HF_HOME") or str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                                            / "huggingface")
+    return Path(os.path.expandvars(home)).expanduser() / "hub"
+
+
+def cached_hub_model(repo_id: str) -> Path | None:
+    """Return the local snapshot folder of hub model ``repo_id`` when the Hugging Face cache holds its
+    config and weights, else None. Never touches the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        folder = Path(snapshot_download(repo_id, cache_dir=_hf_hub_cache(), local_files_only=True))
+    except HFValidationError:
+        raise DeltatuneError(f"model.name: {repo_id}: not a local path and not a valid hub id (org/name); "
+                             f"{_OTHER_SOURCES}") from None
+    except OSError:  # not cached (LocalEntryNotFoundError)
+        return None
+    weights = any(f.suffix in (".safetensors", ".bin") for f in folder.iterdir())
+    return folder if weights and (folder / "config.json").is_file() else None
+
+
+def hub_kwargs(source: str) -> dict[str, Any]:
+    """Extra ``from_pretrained`` arguments for ``source``: for a hub id whose files are in the local cache,
+    ``local_files_only=True`` and that cache (loading it then never touches the network); else none."""
+    if Path(source).exists() or cached_hub_model(source) is None:
+        return {}
+    return {"local_files_only": True, "cache_dir": str(_hf_hub_cache())}
+
+
+def check_hub_model(repo_id: str, timeout: float = 3.0) -> None:
+    """Check at once that hub model ``repo_id`` can be loaded: it is in the local Hugging Face cache, or
+    the hub (``HF_ENDPOINT``, default huggingface.co) answers a TCP connection within ``timeout`` seconds
+    and ``HF_HUB_OFFLINE`` is not set. Raise DeltatuneError with what to do otherwise."""
+    if cached_hub_model(repo_id) is not None:
+        return
+    offline = [var for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if _env_true(var)]
+    if offline:
+        raise DeltatuneError(f"model.name: {repo_id}: not in the local Hugging Face cache and {offline[0]} is "
+                             f"set; unset it to download the model, or {_OTHER_SOURCES}")
+    endpoint = (os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT).rstrip("/")
+    reason = _unreachable(endpoint, timeout)
+    if reason is not None:
+        host = urllib.parse.urlsplit(endpoint).netloc or endpoint
+        raise DeltatuneError(f"model.name: {repo_id}: not a local path and not in the local Hugging Face cache, "
+                             f"and the Hugging Face hub ({host}) cannot be reached from here ({reason}); "
+                             f"{_OTHER_SOURCES}")
+
+
+def _unreachable(url: str, timeout: float) -> str | None:
+    """None when a TCP connection to ``url``'s host (or to the proxy the environment sets for it) opens
+    within ``timeout`` seconds (name lookup included); else a short reason."""
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and host and not urllib.request.proxy_bypass(host):
+        proxy_parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_parts.hostname, proxy_parts.port or 80
+    if not host:
+        return f"HF_ENDPOINT {url!r} has no host"
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append((err.strerror or str(err) or type(err).__name__).lower())
+
+    thread = threading.Thread(target=probe, daemon=True)  # a name lookup ignores the socket timeout
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"no answer from {host}:{port} within {timeout:g} s"
 
 
 def pick_device(device: str) -> torch.device:
@@ -165,7 +289,11 @@ def infer_task(source: str, requested: str) -> str:
         return requested
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(source)
+    try:
+        config = AutoConfig.from_pretrained(source, **hub_kwargs(source))
+    except (OSError, ValueError) as err:  # no or a malformed config.json, or the hub failed
+        raise DeltatuneError(f"model.name: cannot load the config of {source!r}: "
+                             f"{(str(err).strip().splitlines() or [type(err).__name__])[0]}") from None
     archs = config.architectures or []
     if any(a.endswith("ForCausalLM") for a in archs):
         return "causal_lm"
@@ -192,9 +320,12 @@ def load_model(
     task = infer_task(source, task if task != "auto" else cfg.task)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    hub = hub_kwargs(source)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, **hub}
+    if hub:  # transformers' check for a peft adapter in the repo does not inherit local_files_only
+        kwargs["adapter_kwargs"] = dict(hub)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **hub)
         if task == "classification":
             labels = cfg.num_labels or num_labels or 2
             if id2label:
@@ -203,8 +334,8 @@ def load_model(
             model = _quiet_load(AutoModelForSequenceClassification, source, num_labels=labels, **kwargs)
         else:
             model = _quiet_load(AutoModelForCausalLM, source, **kwargs)
-    except OSError as err:
-        raise DeltatuneError(f"model.name: cannot load {cfg.name!r}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # damaged weights raise many types: SafetensorError, UnpicklingError, IndexError...
+        raise _load_error(cfg.name, err) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
@@ -215,6 +346,20 @@ def load_model(
     model.to(device)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, task=task, device=device)
+
+
+def _load_error(name: str, err: Exception) -> DeltatuneError:
+    """One line for a model ``from_pretrained`` cannot load; never torch's advice to unpickle with
+    ``weights_only=False`` (that runs whatever code the file holds)."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
+        reason = ("its PyTorch pickle weights (.bin) hold more than plain tensors, which deltatune does not "
+                  "unpickle (it could run code); use the model's safetensors files, or save it again as safetensors")
+    elif isinstance(err, OSError):
+        reason = first
+    else:
+        reason = f"{type(err).__name__}: {first}; if its files are damaged, download or save the model again"
+    return DeltatuneError(f"model.name: cannot load {name!r}: {reason}")
 
 
 def _quiet_load(auto_cls: Any, source: str, **kwargs: Any) -> nn.Module:

@@ -33,7 +33,11 @@ def read_records(path: str, *, split: str = "train") -> list[Record]:
     if path.startswith(HUB_PREFIX):
         return _read_hub(path, split)
     p = Path(path)
-    if not p.exists():
+    try:
+        exists = p.exists()
+    except OSError as err:  # e.g. a folder on the way that may not be searched
+        raise _unreadable(p, err) from None
+    if not exists:
         raise DataError(f"{path}: file not found; check the path (relative paths start at the working folder)")
     if p.is_dir():
         raise DataError(f"{path}: is a folder; give one data file ({', '.join(SUPPORTED)})")
@@ -49,12 +53,23 @@ def read_records(path: str, *, split: str = "train") -> list[Record]:
     return records
 
 
+def _unreadable(path: Path, err: OSError) -> DataError:
+    """The DataError for a data file the system will not let us read (permissions, I/O error, ...)."""
+    if isinstance(err, PermissionError):
+        return DataError(f"{path}: cannot read (permission denied); give yourself read access "
+                         f"(chmod u+r {path}) or copy the file somewhere you can read it")
+    reason = (err.strerror or str(err) or type(err).__name__).lower()
+    return DataError(f"{path}: cannot read ({reason}); check the path and that the file is readable")
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); "
                         "save the file as UTF-8") from None
+    except OSError as err:
+        raise _unreadable(path, err) from None
 
 
 def _check_object(origin: str, value: Any) -> dict[str, Any]:
@@ -105,7 +120,11 @@ def _read_delimited(path: Path, delimiter: str) -> list[Record]:
     # TSV files (GLUE style) are not quoted: a quote character is text, as in SST-2
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     records: list[Record] = []
-    with path.open(encoding="utf-8-sig", newline="") as handle:
+    try:
+        handle = path.open(encoding="utf-8-sig", newline="")
+    except OSError as err:
+        raise _unreadable(path, err) from None
+    with handle:
         reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
         try:
             header = next(reader, None)
@@ -130,6 +149,8 @@ def _read_delimited(path: Path, delimiter: str) -> list[Record]:
                             f"({err}); fix the line") from None
         except UnicodeDecodeError as err:
             raise DataError(f"{path}: not UTF-8 text ({err.reason}); save the file as UTF-8") from None
+        except OSError as err:
+            raise _unreadable(path, err) from None
     return records
 
 
