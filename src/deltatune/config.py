@@ -35,7 +35,8 @@ class Section(BaseModel):
 class ModelConfig(Section):
     name: str = "default"
     """`default` (bundled SmolLM2-135M-Instruct), `minilm` (bundled MiniLM-L6 encoder), a local HF folder,
-    a .gguf file, or a hub id (online)."""
+    a .gguf file, or a hub id (from the local Hugging Face cache when there, else online; `dir/x` is a
+    local path when `dir/` exists here)."""
     task: Literal["auto", "causal_lm", "classification"] = "auto"
     """What head to load: `auto` picks `classification` when data.format is classification."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
