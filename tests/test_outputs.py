@@ -81,10 +81,12 @@ def command(kind: str, out: str, overwrite: bool, inputs: dict[str, Path]) -> li
         return ["compare", str(inputs["compare"]), "-o", out, *(["--fresh"] if overwrite else [])]
     if kind == "compare-output-dir":
         return ["compare", str(inputs["compare"]), f"output.dir={out}", *(["--fresh"] if overwrite else [])]
+    if kind == "export":
+        return ["export", str(inputs["delta"]), "-o", out, "--ollama", *(["--force"] if overwrite else [])]
     return ["merge", str(inputs["delta"]), out]
 
 
-CASES = [(kind, where, overwrite) for kind in ("train", "demo", "compare", "compare-output-dir", "merge")
+CASES = [(kind, where, overwrite) for kind in ("train", "demo", "compare", "compare-output-dir", "merge", "export")
          for where in TARGETS for overwrite in ((False,) if kind == "merge" else (False, True))]
 
 

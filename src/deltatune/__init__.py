@@ -55,6 +55,14 @@ def compare_methods(path: Any, overrides: list[str] | None = None, **options: An
     return compare(path, overrides, **options)
 
 
+def export_gguf(delta: Any, out: Any, **options: Any) -> Any:
+    """Write base + delta (merged), a base alone (``base=``) or a LoRA delta alone (``adapter_only=True``) as a
+    GGUF file for llama.cpp and Ollama; return the ExportResult (see ``deltatune.export.export_gguf``)."""
+    from deltatune.export import export_gguf as _export
+
+    return _export(delta, out, **options)
+
+
 __all__ = [
     "ConfigError",
     "DataError",
@@ -69,6 +77,7 @@ __all__ = [
     "compare_methods",
     "config_from_dict",
     "dump_config",
+    "export_gguf",
     "load_config",
     "load_delta",
     "load_model",

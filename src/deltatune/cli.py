@@ -7,6 +7,7 @@ one or two lines and exit with code 2.
     deltatune generate runs/demo "Write this date in ISO 8601 format: 5 May 2021"
     deltatune chat runs/demo
     deltatune merge runs/demo merged/
+    deltatune export runs/demo -o model.gguf --quant q8_0 --ollama
     deltatune compare run.yaml --methods lora,ia3,bitfit train.max_steps=50
     deltatune hosted submit train.jsonl --provider openai --model gpt-4o-mini-2024-07-18
 """
@@ -193,6 +194,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     unmerged = f"the {QuantSpec(**quant).describe()} base + delta" if quant else "base + delta"
     print(f"merged model written to {out} ({args.dtype}{', de-quantized' if quant else ''}); max |logit "
           f"difference| to {unmerged}: {float((after - before).abs().max()):.2e}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write base + delta (merged), a base alone, or a LoRA delta alone as a GGUF file for llama.cpp/Ollama."""
+    from deltatune.export import export_gguf
+
+    export_gguf(args.delta, args.output, base=args.base, quant=args.quant, adapter_only=args.adapter_only,
+                ollama=args.ollama, force=args.force)
     return 0
 
 
@@ -390,6 +400,12 @@ class _Parser(argparse.ArgumentParser):
         return super().format_help()
 
 
+def _export_epilog() -> str:
+    from deltatune.export.tensors import K_QUANT_HINT
+
+    return K_QUANT_HINT + "."
+
+
 def _compare_all_help() -> str:
     from deltatune.compare.settings import ALL_HELP
 
@@ -465,6 +481,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="new folder for the merged model")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.set_defaults(handler=cmd_merge)
+
+    p = sub.add_parser("export", help="write a GGUF file for llama.cpp and Ollama (merged, base, or LoRA adapter)",
+                       description="Write base + delta, merged, as one GGUF file that llama.cpp, Ollama and LM "
+                                   "Studio load; or a base model alone (--base), or a LoRA delta alone as a "
+                                   "llama.cpp adapter (--adapter-only). Pure Python: no llama.cpp build needed.",
+                       epilog_factory=_export_epilog)
+    p.add_argument("delta", nargs="?", help="the delta folder (output.dir of a training run); omit with --base")
+    p.add_argument("-o", "--output", required=True, help="the GGUF file to write, e.g. model.gguf")
+    p.add_argument("--quant", help="f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0 (default q8_0; f16 for "
+                                   "--adapter-only); 1-D tensors stay f32")
+    p.add_argument("--base", metavar="MODEL", help="export this base model alone (any model.name: default, minilm, "
+                                                   "a folder, a .gguf file, a hub id)")
+    p.add_argument("--adapter-only", action="store_true", help="a LoRA delta alone, in llama.cpp's adapter format: "
+                                                               "llama-cli -m base.gguf --lora adapter.gguf")
+    p.add_argument("--ollama", action="store_true", help="also write a Modelfile beside the file (FROM, TEMPLATE "
+                                                         "and stop tokens of the model's chat format, the system "
+                                                         "prompt): ollama create NAME -f Modelfile")
+    p.add_argument("--force", action="store_true", help="replace an existing GGUF file (never any other file)")
+    p.set_defaults(handler=cmd_export)
 
     _add_hosted_parser(sub)
     return parser

@@ -274,6 +274,20 @@ def _head_rows(info: DeltaInfo, tensors: dict[str, torch.Tensor]) -> int | None:
     return None
 
 
+def merged_model(delta: LoadedDelta) -> nn.Module:
+    """Fold the delta into its base's weights, in float32, and return the plain model (the same module).
+
+    A quantized base is de-quantized first (each 4/8-bit layer becomes an ``nn.Linear`` holding exactly the
+    values the quantized layer computed with). Raises the method's own DeltatuneError when it cannot merge.
+    """
+    if not delta.method.mergeable:
+        delta.method.merge(delta.loaded.model)  # raises the method's own explanation
+    # fold in float32 (then cast once): a half-precision copy would round the delta before it is added
+    dequantize_model(delta.loaded.model, torch.float32)
+    model = delta.method.merge(delta.loaded.model)
+    return model.float()
+
+
 def save_merged(delta: LoadedDelta, out_dir: str | Path, dtype: str = "float32") -> Path:
     """Fold the delta into the base weights and write a plain model folder transformers loads alone.
 
@@ -285,12 +299,9 @@ def save_merged(delta: LoadedDelta, out_dir: str | Path, dtype: str = "float32")
     """
     out = check_new_folder(out_dir, "merge: OUT")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if not delta.method.mergeable:
-        delta.method.merge(delta.loaded.model)  # raises the method's own explanation
-    # fold in float32 (then cast once): a half-precision copy would round the delta before it is added
-    dequantize_model(delta.loaded.model, torch.float32)
-    model = delta.method.merge(delta.loaded.model)
+    model = merged_model(delta)
     model.to(torch_dtype)
+
     def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp), safe_serialization=True)
         delta.loaded.tokenizer.save_pretrained(str(tmp))

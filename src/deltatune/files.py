@@ -41,15 +41,25 @@ def _follow_umask(folder: Path) -> None:
             os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (same folder, atomic)."""
+def write_atomic(path: Path, write: Callable[[Path], None], *, replace: bool = True) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (same folder, atomic).
+
+    Without ``replace`` the file is linked into place only if ``path`` does not exist at that moment (another
+    process may have written it meanwhile): DeltatuneError then, and nothing is replaced."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise DeltatuneError(f"{path}: appeared while deltatune was writing it (another process?); nothing "
+                                     "was replaced") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
