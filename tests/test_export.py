@@ -231,11 +231,88 @@ def test_ollama_modelfile_has_the_training_prompt_format(lora_delta: Path, tmp_p
     assert result.modelfile == tmp_path / "Modelfile" and text.startswith(HEADER)
     assert "FROM ./model.gguf\n" in text and 'PARAMETER stop "<|im_end|>"' in text
     assert 'SYSTEM """Answer with one word."""' in text  # the run's data.system_prompt
-    assert '{{- if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n' in text
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    tokenizer = load_delta(lora_delta, device="cpu").loaded.tokenizer
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"}]
+    want = tokenizer.apply_chat_template([{"role": "system", "content": "s"}, *messages], tokenize=False,
+                                         add_generation_prompt=True)
+    assert render_go_template(template, "s", messages) == want
     adapter = tmp_path / "ad" / "adapter.gguf"
     export_gguf(lora_delta, adapter, adapter_only=True, ollama=True, say=quiet)
     lines = (tmp_path / "ad" / "Modelfile").read_text().splitlines()
     assert "FROM ./base.gguf" in lines and "ADAPTER ./adapter.gguf" in lines
+
+
+def render_go_template(template: str, system: str, messages: list[dict[str, str]]) -> str:
+    """Render the subset of Go's text/template a Modelfile uses (if / else if / range / end, .System, .Role,
+    .Content, eq, string literals, trim markers) as Ollama would, to check it against the tokenizer's template."""
+    import re
+
+    parts = re.split(r"(\{\{-?\s*.*?\s*-?\}\})", template)
+    items: list[tuple[str, str]] = []  # ("text", s) or ("act", action)
+    for part in parts:
+        m = re.fullmatch(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", part)
+        if m is None:
+            items.append(("text", part))
+            continue
+        if m.group(1) and items and items[-1][0] == "text":
+            items[-1] = ("text", items[-1][1].rstrip())
+        items.append(("act", m.group(2)))
+        if m.group(3):
+            items.append(("trim", ""))
+    for k in range(len(items) - 1):
+        if items[k][0] == "trim" and items[k + 1][0] == "text":
+            items[k + 1] = ("text", items[k + 1][1].lstrip())
+
+    def parse(i: int, stops: tuple[str, ...]) -> tuple[list, int]:
+        body: list = []
+        while i < len(items):
+            kind, value = items[i]
+            if kind == "act" and value.startswith(stops):
+                return body, i
+            if kind == "act" and value.startswith("if "):
+                branches, i = [], i
+                while items[i][1] != "end":
+                    cond = items[i][1].removeprefix("else ").removeprefix("if ").strip() if items[i][1] != "else" \
+                        else "true"
+                    sub, i = parse(i + 1, ("else", "end"))
+                    branches.append((cond, sub))
+                body.append(("if", branches))
+            elif kind == "act" and value.startswith("range "):
+                sub, i = parse(i + 1, ("end",))
+                body.append(("range", sub))
+            else:
+                body.append((kind, value))
+            i += 1
+        return body, i
+
+    def holds(cond: str, scope: dict[str, str]) -> bool:
+        if cond == "true":
+            return True
+        if cond.startswith("eq "):
+            _, key, literal = cond.split(" ", 2)
+            return scope.get(key) == literal.strip('"')
+        return bool(scope.get(cond))
+
+    def render(body: list, scope: dict[str, str]) -> str:
+        out = ""
+        for kind, value in body:
+            if kind == "text":
+                out += value
+            elif kind == "trim":
+                continue
+            elif kind == "act":
+                out += value.strip('"') if value.startswith('"') else scope.get(value, "")
+            elif kind == "if":
+                out += next((render(sub, scope) for cond, sub in value if holds(cond, scope)), "")
+            elif kind == "range":
+                out += "".join(render(value, {**scope, ".Role": m["role"], ".Content": m["content"]})
+                               for m in messages)
+        return out
+
+    tree, _ = parse(0, ())
+    return render(tree, {".System": system})
 
 
 def test_the_chat_format_reproduces_the_tokenizers_template(lora_delta: Path) -> None:
@@ -337,3 +414,21 @@ def test_smollm2_with_a_lora_delta_exports_and_reads_back(smollm2_dir: Path, tmp
         export_gguf(delta, out, quant=quant, say=quiet)
         gap = float((gguf_logits(out, ids) - want).abs().max())
         assert gap < bound, (quant, gap)
+
+
+def test_llama_cpp_itself_computes_the_merged_models_logits(lora_delta: Path, tmp_path: Path) -> None:
+    """Only where llama-cpp-python is installed (an optional peer: it compiles llama.cpp); make test skips it."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    merged, base, adapter = tmp_path / "merged.gguf", tmp_path / "base.gguf", tmp_path / "adapter.gguf"
+    export_gguf(lora_delta, merged, quant="f32", say=quiet)
+    export_gguf(lora_delta, adapter, adapter_only=True, quant="f32", say=quiet)
+    _export_base(lora_delta, tmp_path)
+    ids = IDS[0].tolist()
+    want = merged_logits(lora_delta, IDS)[0].numpy()
+    for path, lora in ((merged, None), (base, adapter)):
+        llm = llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=64,
+                              logits_all=True, verbose=False, n_threads=1)
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)], dtype=np.float32)
+        # llama.cpp keeps its KV cache in f16: 4e-3 of the logits' spread here; a wrong layout is order 1
+        assert np.abs(got - want).max() / want.std() < 1e-2, (path.name, float(np.abs(got - want).max()))

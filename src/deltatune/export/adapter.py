@@ -17,7 +17,7 @@ from typing import Any
 import gguf
 
 from deltatune.errors import DeltatuneError
-from deltatune.export.arch import spec_for
+from deltatune.export.arch import CAUSAL_LM_OF_TYPE, spec_for
 from deltatune.export.files import GGUFTarget, write_gguf
 from deltatune.export.modelfile import run_system_prompt
 from deltatune.export.tensors import QuantType, encode
@@ -48,7 +48,7 @@ def write_lora_adapter(folder: Path, target: GGUFTarget, qtype: QuantType, *, ba
                              "language models only")
     source = resolve_source(base or info.base_model)
     config = AutoConfig.from_pretrained(source, **hub_kwargs(source))
-    hf_arch = next(iter(config.architectures or []), config.model_type)
+    hf_arch = next(iter(config.architectures or []), CAUSAL_LM_OF_TYPE.get(config.model_type, config.model_type))
     spec = spec_for(hf_arch, config)
     tensors = read_delta_tensors(folder)
     pairs = _lora_pairs(tensors, folder)

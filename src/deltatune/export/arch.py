@@ -31,6 +31,8 @@ SUPPORTED = {
     "Qwen2ForCausalLM": (gguf.MODEL_ARCH.QWEN2, False),
 }
 SUPPORTED_TEXT = "Llama (and SmolLM), Mistral and Qwen2 causal LMs"
+# a config.json without `architectures` (the bundled model's converted copy) names only its model type
+CAUSAL_LM_OF_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 @dataclass

@@ -39,15 +39,16 @@ class ChatFormat:
         return text + (self.assistant[0] if generation_prompt else "")
 
     def go_template(self) -> str:
-        """Return the format as an Ollama Go template (system from ``.System``, turns from ``.Messages``)."""
+        """Return the format as an Ollama Go template (system from ``.System``, turns from ``.Messages``). No
+        ``{{-`` trim markers: the turns' own newlines are part of the format."""
         def go(text: str) -> str:
             return text.replace("{{", '{{ "{{" }}')
 
-        return ("{{- if .System }}" + go(self.system[0]) + "{{ .System }}" + go(self.system[1]) + "{{ end }}"
-                "{{- range .Messages }}"
-                '{{- if eq .Role "user" }}' + go(self.user[0]) + "{{ .Content }}" + go(self.user[1]) +
-                '{{- else if eq .Role "assistant" }}' + go(self.assistant[0]) + "{{ .Content }}" +
-                go(self.assistant[1]) + "{{- end }}{{- end }}" + go(self.assistant[0]))
+        return ("{{ if .System }}" + go(self.system[0]) + "{{ .System }}" + go(self.system[1]) + "{{ end }}"
+                "{{ range .Messages }}"
+                '{{ if eq .Role "user" }}' + go(self.user[0]) + "{{ .Content }}" + go(self.user[1]) +
+                '{{ else if eq .Role "assistant" }}' + go(self.assistant[0]) + "{{ .Content }}" +
+                go(self.assistant[1]) + "{{ end }}{{ end }}" + go(self.assistant[0]))
 
 
 FORMATS = (

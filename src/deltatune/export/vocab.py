@@ -69,7 +69,8 @@ def write_vocab(writer: gguf.GGUFWriter, tokenizer: Any, n_vocab: int) -> None:
             raise DeltatuneError(f"export: a {model.get('type')} tokenizer cannot be written as GGUF by deltatune "
                                  "(byte-level BPE and SentencePiece-style BPE can)")
         special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=n_vocab)
-        special.chat_template = None  # written below from the tokenizer itself
+        special.chat_template = None  # these three are written below, from what the tokenizer itself does
+        special.add_special_token = {}
         special.add_to_gguf(writer, quiet=True)
     writer.add_add_bos_token(_adds(tokenizer, tokenizer.bos_token_id, first=True))
     writer.add_add_eos_token(_adds(tokenizer, tokenizer.eos_token_id, first=False))
