@@ -432,3 +432,28 @@ def test_llama_cpp_itself_computes_the_merged_models_logits(lora_delta: Path, tm
         got = np.array(llm.scores[: len(ids)], dtype=np.float32)
         # llama.cpp keeps its KV cache in f16: 4e-3 of the logits' spread here; a wrong layout is order 1
         assert np.abs(got - want).max() / want.std() < 1e-2, (path.name, float(np.abs(got - want).max()))
+
+
+def test_a_base_on_the_export_types_grid_is_warned_about() -> None:
+    from deltatune.export.tensors import QUANTS, base_on_grid, encode
+
+    weights = np.random.default_rng(1).normal(0, 0.02, (64, 128)).astype(np.float32)
+    data, kind = encode(weights, QUANTS["q4_1"])
+    on_grid = dequantize(data, kind).reshape(weights.shape)  # as a base de-quantized from a Q4_1 GGUF
+    assert base_on_grid(on_grid, QUANTS["q4_1"]) and not base_on_grid(weights, QUANTS["q4_1"])
+    assert not base_on_grid(on_grid, QUANTS["q8_0"]) and not base_on_grid(on_grid, QUANTS["f16"])
+
+
+@pytest.mark.slow
+def test_exporting_the_bundled_model_to_its_own_type_warns(smollm2_dir: Path, tmp_path: Path) -> None:
+    import deltatune as dt
+
+    loaded = dt.load_model(dt.ModelConfig(name="default", device="cpu"))
+    method = dt.attach(loaded.model, {"name": "bitfit"})
+    dt.save_delta(tmp_path / "d", method, loaded.model, loaded.source, task="causal_lm")
+    said: list[str] = []
+    export_gguf(tmp_path / "d", tmp_path / "m.gguf", quant="q4_1", say=said.append)
+    assert any("already lie exactly on q4_1's grid" in line for line in said)
+    said.clear()
+    export_gguf(tmp_path / "d", tmp_path / "n.gguf", quant="q4_0", say=said.append)
+    assert not any("warning" in line for line in said)

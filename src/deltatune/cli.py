@@ -8,6 +8,7 @@ one or two lines and exit with code 2.
     deltatune chat runs/demo
     deltatune merge runs/demo merged/
     deltatune export runs/demo -o model.gguf --quant q8_0 --ollama
+    deltatune serve runs/demo support=runs/support --port 8000
     deltatune compare run.yaml --methods lora,ia3,bitfit train.max_steps=50
     deltatune hosted submit train.jsonl --provider openai --model gpt-4o-mini-2024-07-18
 """
@@ -203,6 +204,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     export_gguf(args.delta, args.output, base=args.base, quant=args.quant, adapter_only=args.adapter_only,
                 ollama=args.ollama, force=args.force)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve deltas on one base over an OpenAI-compatible HTTP API until Ctrl-C or SIGTERM."""
+    import os
+
+    from deltatune.serve import delta_names, serve
+
+    api_key = args.api_key or os.environ.get("DELTATUNE_API_KEY") or None  # never printed
+    serve(delta_names(args.deltas), base=args.base, host=args.host, port=args.port, api_key=api_key,
+          max_batch=args.max_batch, max_queue=args.max_queue, device=args.device)
     return 0
 
 
@@ -500,6 +513,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "prompt): ollama create NAME -f Modelfile")
     p.add_argument("--force", action="store_true", help="replace an existing GGUF file (never any other file)")
     p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("serve", help="serve deltas on one base: an OpenAI-compatible API, continuous batching",
+                       description="Load the base once and every delta on it, and answer the OpenAI API "
+                                   "(/v1/chat/completions, /v1/completions, /v1/models, /health); the request's "
+                                   "`model` picks the delta. Requests for different deltas share one batch "
+                                   "(LoRA, IA3, BitFit, prompt tuning). Ctrl-C or SIGTERM: requests in flight "
+                                   "finish, then the server exits.")
+    p.add_argument("deltas", nargs="*", help="delta folders, as PATH (named after the folder) or NAME=PATH")
+    p.add_argument("--base", metavar="MODEL", help="the base model (default: the one the first delta was "
+                                                   "trained on); alone, it serves the base")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                                                       "only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $DELTATUNE_API_KEY, else none)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(handler=cmd_serve)
 
     _add_hosted_parser(sub)
     return parser

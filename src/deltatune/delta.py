@@ -222,6 +222,15 @@ def _method_config_from_peft(adapter_config: dict[str, Any], where: Path) -> Met
     raise DeltatuneError(f"{where}: peft_type {peft_type!r} is not supported by this deltatune version")
 
 
+def run_system_prompt(folder: str | Path) -> str | None:
+    """Return the system prompt the run that wrote a delta trained with (``data.system_prompt`` in the run.yaml
+    beside it), or None."""
+    from deltatune.config import load_config
+
+    run_file = Path(folder) / "run.yaml"
+    return load_config(run_file).data.system_prompt if run_file.is_file() else None
+
+
 def read_delta_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
     """Return the tensors of a delta's safetensors file; DeltatuneError naming the file when it is damaged."""
     out: dict[str, torch.Tensor] = {}

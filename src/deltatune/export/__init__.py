@@ -21,11 +21,12 @@ from typing import Any
 import gguf
 import torch
 
+from deltatune.delta import run_system_prompt
 from deltatune.errors import DeltatuneError
 from deltatune.export.arch import arch_spec
 from deltatune.export.files import GGUFTarget, write_gguf
-from deltatune.export.modelfile import chat_format, modelfile, run_system_prompt
-from deltatune.export.tensors import K_QUANT_HINT, QUANTS, QuantType, encode
+from deltatune.export.modelfile import chat_format, modelfile
+from deltatune.export.tensors import K_QUANT_HINT, QUANTS, QuantType, base_on_grid, encode
 from deltatune.export.vocab import write_vocab
 
 
@@ -81,6 +82,8 @@ def export_gguf(delta: str | Path | None, out: str | Path, *, base: str | None =
     else:
         model, tokenizer, name, system = _load_merged(Path(delta), base)
     spec = arch_spec(model)
+    if delta is not None:
+        _warn_if_base_on_grid(Path(delta), qtype, say)
     say(f"writing {spec.name} GGUF ({qtype.name}) to {target.path}")
     kinds: dict[str, int] = {}
 
@@ -126,6 +129,26 @@ def _finish(target: GGUFTarget, qtype: QuantType, kinds: dict[str, int], started
         stem = target.path.with_suffix("")
         say(f"for a K-quant: llama-quantize {target.path} {stem}-Q4_K_M.gguf Q4_K_M (llama.cpp's tool)")
     return result
+
+
+def _warn_if_base_on_grid(folder: Path, qtype: QuantType, say: Callable[[str], None]) -> None:
+    """Warn when the delta's base weights already lie on ``qtype``'s grid (checked on one matrix of the base's
+    own file): a fine-tune re-quantized to the type its base was distributed in loses most of its delta."""
+    from safetensors import safe_open
+
+    from deltatune.delta import read_delta_info
+    from deltatune.models import resolve_source
+
+    files = sorted(Path(resolve_source(read_delta_info(folder).base_model)).glob("*.safetensors"))
+    if not files or qtype.ggml in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return
+    with safe_open(str(files[0]), framework="pt") as f:
+        name = next((k for k in f.keys() if k.endswith("mlp.down_proj.weight")), None)  # noqa: SIM118
+        if name is None or not base_on_grid(f.get_tensor(name).float().numpy(), qtype):
+            return
+    say(f"warning: the base's weights already lie exactly on {qtype.name}'s grid (it was distributed in that "
+        f"type): a {qtype.name} export rounds most of a fine-tune back onto the base's own values. Prefer q8_0, "
+        "or another 4/5-bit type (README: Export figures)")
 
 
 def _model_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -19,7 +19,6 @@ import gguf
 from deltatune.errors import DeltatuneError
 from deltatune.export.arch import CAUSAL_LM_OF_TYPE, spec_for
 from deltatune.export.files import GGUFTarget, write_gguf
-from deltatune.export.modelfile import run_system_prompt
 from deltatune.export.tensors import QuantType, encode
 
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
@@ -33,7 +32,7 @@ def write_lora_adapter(folder: Path, target: GGUFTarget, qtype: QuantType, *, ba
     delta that is not plain LoRA on a causal LM of a supported architecture."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from deltatune.delta import read_delta_info, read_delta_tensors
+    from deltatune.delta import read_delta_info, read_delta_tensors, run_system_prompt
     from deltatune.models import hub_kwargs, resolve_source
 
     info = read_delta_info(folder)

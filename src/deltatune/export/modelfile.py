@@ -12,7 +12,6 @@ gets it as the ``SYSTEM`` line, unless the run had its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from deltatune.errors import DeltatuneError
@@ -115,12 +114,3 @@ def modelfile(source: str, fmt: ChatFormat, *, system: str | None, adapter: str 
         lines.append(f'SYSTEM """{system}"""')
     return "\n".join(lines) + "\n"
 
-
-def run_system_prompt(folder: Path) -> str | None:
-    """Return the system prompt a run trained with (``data.system_prompt`` in its run.yaml), or None."""
-    run_file = folder / "run.yaml"
-    if not run_file.is_file():
-        return None
-    from deltatune.config import load_config
-
-    return load_config(run_file).data.system_prompt

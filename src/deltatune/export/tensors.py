@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import gguf
 import numpy as np
-from gguf.quants import QuantError, quantize
+from gguf.quants import QuantError, dequantize, quantize
 
 T = gguf.GGMLQuantizationType
 F = gguf.LlamaFileType
@@ -57,3 +57,14 @@ def encode(array: np.ndarray, quant: QuantType) -> tuple[np.ndarray, gguf.GGMLQu
         return quantize(array, quant.ggml), quant.ggml
     except QuantError:
         return array.astype(np.float16), T.F16
+
+
+def base_on_grid(weights: np.ndarray, quant: QuantType) -> bool:
+    """Whether ``weights`` already lie exactly on ``quant``'s grid (a base de-quantized from a GGUF of that type):
+    re-quantizing a fine-tuned copy to ``quant`` then snaps small changes back onto the base's own values."""
+    if quant.ggml in (T.F32, T.F16, T.BF16) or weights.ndim != 2:
+        return False
+    data, kind = encode(weights, quant)
+    if kind != quant.ggml:
+        return False
+    return bool(np.array_equal(dequantize(data, kind).reshape(weights.shape), weights))

@@ -1,0 +1,129 @@
+"""``deltatune serve``: one base model, many deltas, an OpenAI-compatible endpoint with continuous batching.
+
+    server = serve({"dates": "runs/demo", "support": "runs/support"}, port=0, background=True)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="-")
+    client.chat.completions.create(model="dates", messages=[{"role": "user", "content": "..."}])
+    server.stop()
+
+Modules, one job each: ``rowwise`` (layers that apply each batch row's own delta), ``bank`` (the base and its
+deltas, one slot each), ``engine`` (the continuous-batching decode loop), ``api`` (the HTTP API, FastAPI).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deltatune.errors import DeltatuneError
+
+
+@dataclass
+class Server:
+    """A running server: its URL, the engine and bank behind it, and how to stop it."""
+
+    url: str
+    engine: Any
+    bank: Any
+    uvicorn_server: Any
+    thread: threading.Thread | None = None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting requests, let those in flight finish (up to ``timeout`` s), and shut down."""
+        self.uvicorn_server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout=timeout + 10)
+        self.engine.stop(timeout)
+
+
+def delta_names(specs: list[str]) -> dict[str, Path]:
+    """Turn ``NAME=PATH`` or ``PATH`` arguments into ``{name: folder}`` (the folder's name by default); raise
+    DeltatuneError for a name given twice."""
+    named: dict[str, Path] = {}
+    for spec in specs:
+        name, _, path = spec.partition("=") if "=" in spec else (Path(spec).resolve().name, "", spec)
+        if not name or not path:
+            raise DeltatuneError(f"serve: {spec!r}: give a delta folder, or NAME=FOLDER")
+        if name in named:
+            raise DeltatuneError(f"serve: the name {name!r} is given twice; name deltas NAME=FOLDER")
+        named[name] = Path(path)
+    return named
+
+
+def build_engine(deltas: dict[str, str | Path], *, base: str | None = None, device: str = "auto",
+                 max_batch: int = 16, max_queue: int = 64) -> Any:
+    """Load the base once and every delta on it; return the (not yet started) Engine. The base defaults to the
+    one the first delta was trained on."""
+    from deltatune.config import ModelConfig
+    from deltatune.delta import read_delta_info
+    from deltatune.models import load_model
+    from deltatune.serve.bank import DeltaBank
+    from deltatune.serve.engine import Engine
+
+    if base is None:
+        if not deltas:
+            raise DeltatuneError("serve: give at least one delta folder, or --base MODEL to serve a base alone")
+        base = read_delta_info(next(iter(deltas.values()))).base_model
+    loaded = load_model(ModelConfig(name=base, device=device), task="causal_lm")
+    bank = DeltaBank(loaded, base_name=Path(base).name if os.sep in base else base)
+    for name, folder in deltas.items():
+        bank.add(name, folder)
+    return Engine(bank, loaded.tokenizer, max_batch=max_batch, max_queue=max_queue)
+
+
+def serve(deltas: dict[str, str | Path], *, base: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, max_batch: int = 16, max_queue: int = 64, device: str = "auto",
+          background: bool = False, say: Callable[[str], None] = print) -> Server:
+    """Serve ``deltas`` ({name: folder}) on one base over the OpenAI API at ``host:port`` (0: a free port).
+
+    With ``background`` the server runs in a thread and the returned Server's ``stop()`` ends it; otherwise this
+    call blocks until the server is stopped (Ctrl-C or SIGTERM: requests in flight finish first) and returns it.
+    """
+    import uvicorn
+
+    from deltatune.serve.api import build_app
+
+    engine = build_engine(deltas, base=base, device=device, max_batch=max_batch, max_queue=max_queue)
+    app = build_app(engine, api_key=api_key)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    server = uvicorn.Server(config)
+    engine.start()
+    handle = Server("", engine, engine.bank, server)
+    if background:
+        server.config.install_signal_handlers = False  # type: ignore[attr-defined]
+        handle.thread = threading.Thread(target=server.run, name="deltatune-http", daemon=True)
+        handle.thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        handle.url = _url(server, host)
+        return handle
+    say(_summary(engine, host, port))
+    server.run()
+    engine.stop()
+    return handle
+
+
+def _url(server: Any, host: str) -> str:
+    port = server.servers[0].sockets[0].getsockname()[1] if server.servers else server.config.port
+    return f"http://{host}:{port}"
+
+
+def _summary(engine: Any, host: str, port: int) -> str:
+    """The start-up lines: URL, the models served, memory."""
+    import resource
+
+    bank = engine.bank
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    lines = [f"serving on http://{host}:{port}/v1 (OpenAI API; GET /health)",
+             f"  {bank.base_name} (the base)"]
+    lines += [f"  {d.name}: {d.method} delta from {d.folder} ({d.nbytes / 1e6:.1f} MB)" for d in bank.deltas.values()]
+    lines.append(f"memory: {rss:.0f} MB resident; continuous batching up to {engine.max_batch} requests")
+    return "\n".join(lines)
+
+
+__all__ = ["Server", "build_engine", "delta_names", "serve"]

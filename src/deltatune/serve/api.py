@@ -1,0 +1,285 @@
+"""The OpenAI-compatible HTTP API over the engine (FastAPI): the official ``openai`` client works unchanged.
+
+    GET  /health                     {"status": "ok", "deltas": N, "busy": M}
+    GET  /v1/models                  the base and every delta
+    POST /v1/chat/completions        messages -> reply (``stream``: server-sent events, ``data: [DONE]`` last)
+    POST /v1/completions             prompt -> continuation
+
+``model`` chooses the delta (or the base). Errors have OpenAI's body, ``{"error": {"message", "type", "param",
+"code"}}``: 400 for a malformed body or value or a prompt longer than the context, 401 for a missing or wrong key
+(when the server has one; the key is never logged), 404 for an unknown model, 429 with ``Retry-After`` when the
+queue is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from deltatune.infer.generate import render_prompt
+from deltatune.serve.engine import Engine, Event, QueueFull, SamplingParams
+from deltatune.serve.engine import Request as EngineRequest
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        """Return the error as a JSON response."""
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+class Message(BaseModel):
+    """A chat message (text content; a list of text parts is joined)."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """Return the message's text."""
+        if isinstance(self.content, list):
+            return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields deltatune ignores (user, metadata...)
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = Field(default=1, ge=1, le=1)
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return value
+
+    def params(self, default_tokens: int) -> SamplingParams:
+        """Return the engine's sampling parameters."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(max_tokens=self.tokens() or default_tokens, temperature=self.temperature,
+                              top_p=self.top_p, seed=self.seed, stop=stop)
+
+    def tokens(self) -> int | None:
+        """Return the requested completion length."""
+        return self.max_tokens
+
+
+class ChatBody(_Sampling):
+    """POST /v1/chat/completions."""
+
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    def tokens(self) -> int | None:
+        """Return ``max_completion_tokens`` (newer clients) or ``max_tokens``."""
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionBody(_Sampling):
+    """POST /v1/completions."""
+
+    prompt: str | list[str]
+
+    def text(self) -> str:
+        """Return the single prompt."""
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise ApiError(400, "give one prompt (a string, or a list of one)", param="prompt")
+            return self.prompt[0]
+        return self.prompt
+
+
+def build_app(engine: Engine, *, api_key: str | None = None, default_max_tokens: int = 256) -> FastAPI:
+    """Return the FastAPI application serving ``engine``'s base and deltas."""
+    app = FastAPI(title="deltatune serve", docs_url=None, redoc_url=None)
+    bank, tokenizer = engine.bank, engine.tokenizer
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+        return err.response()
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Any) -> Any:
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not secrets.compare_digest(given.encode(), api_key.encode()):
+                return ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                kind="authentication_error", code="invalid_api_key").response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "deltas": len(bank.deltas), "busy": engine.busy()}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        names = [bank.base_name, *bank.deltas]
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "deltatune"}
+                                           for n in names]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        body = await _parse(request, ChatBody)
+        system = _system_of(bank, body.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        if system and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system})
+        ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+        return await _run(body, ids, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        body = await _parse(request, CompletionBody)
+        ids = tokenizer(body.text(), add_special_tokens=False)["input_ids"]
+        return await _run(body, ids, chat=False)
+
+    async def _run(body: _Sampling, ids: list[int], *, chat: bool) -> Any:
+        slot = _slot(bank, body.model)
+        prefix = next((d.prefix for d in bank.deltas.values() if d.slot == slot), None)
+        virtual = prefix[0][0].shape[2] if prefix else 0
+        params = body.params(default_max_tokens)
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param="messages" if chat else "prompt")
+        if virtual + len(ids) + 1 > engine.context:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens; this model's context is {engine.context}",
+                           param="messages" if chat else "prompt", code="context_length_exceeded")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        job = EngineRequest(prompt_ids=ids, slot=slot, params=params, prefix=prefix,
+                            emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        try:
+            engine.submit(job)
+        except QueueFull as err:
+            raise ApiError(429, f"the server is busy: {err}; retry shortly", kind="rate_limit_error",
+                           headers={"Retry-After": "1"}) from None
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if body.stream:
+            usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_stream(events, job, rid, body.model, chat, usage),
+                                     media_type="text/event-stream")
+        text, last = "", Event("")
+        try:
+            while last.finish_reason is None:
+                last = await events.get()
+                text += last.text
+        except asyncio.CancelledError:  # the client went away: free its batch place
+            job.cancelled.set()
+            raise
+        if last.finish_reason == "error":
+            raise ApiError(500, f"generation failed: {last.error}", kind="server_error")
+        choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(last)}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice.update({"text": text, "logprobs": None})
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": body.model, "choices": [choice], "usage": _usage(last)}
+
+    return app
+
+
+async def _parse(request: Request, model: type[_Sampling]) -> Any:
+    """Read and validate a JSON body; raise ApiError 400 naming the field."""
+    try:
+        raw = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"the body is not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = ".".join(str(p) for p in first["loc"])
+        raise ApiError(400, f"{param}: {first['msg']}", param=param) from None
+
+
+def _slot(bank: Any, name: str) -> int:
+    try:
+        return bank.slot(name)
+    except KeyError:
+        known = ", ".join([bank.base_name, *bank.deltas])
+        raise ApiError(404, f"the model {name!r} does not exist; this server has {known}", param="model",
+                       code="model_not_found") from None
+
+
+def _system_of(bank: Any, name: str) -> str | None:
+    """The system prompt a delta was trained with (run.yaml's data.system_prompt), added when a chat has none."""
+    _slot(bank, name)
+    delta = bank.deltas.get(name)
+    return delta.system_prompt if delta is not None else None
+
+
+def _finish(event: Event) -> str:
+    return "length" if event.finish_reason == "length" else "stop"
+
+
+def _usage(event: Event) -> dict[str, int]:
+    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+            "total_tokens": event.prompt_tokens + event.completion_tokens}
+
+
+async def _stream(events: asyncio.Queue[Event], job: EngineRequest, rid: str, model: str, chat: bool,
+                  usage: bool) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format; a client that disconnects cancels its request."""
+    created = int(time.time())
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else \
+                ({"content": text} if text else {})
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": model,
+                                      "choices": [choice]}) + "\n\n"
+
+    try:
+        if chat:
+            yield chunk(None, None, first=True)
+        while True:
+            event = await events.get()
+            if event.finish_reason == "error":
+                body = {"error": {"message": f"generation failed: {event.error}", "type": "server_error",
+                                  "param": None, "code": None}}
+                yield "data: " + json.dumps(body) + "\n\n"
+                break
+            if event.text:
+                yield chunk(event.text, None)
+            if event.finish_reason is not None:
+                yield chunk(None, _finish(event))
+                if usage:
+                    yield "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": model,
+                                                 "choices": [], "usage": _usage(event)}) + "\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:  # also when the client disconnected mid-stream: free its batch place at once
+        job.cancelled.set()

@@ -1,0 +1,334 @@
+"""Continuous batching: requests join the running batch at the next decoding step and leave it when done.
+
+    engine = Engine(bank, tokenizer, max_batch=16, max_queue=64)
+    engine.start()
+    engine.submit(Request(prompt_ids=ids, slot=bank.slot("dates"), params=params, emit=on_event))
+
+One thread owns the model. Each turn of its loop it admits waiting requests (taking deltas in turns, so none
+waits behind another's queue), runs each new request's prompt alone (prefill, with its own delta and, for
+prompt tuning, its virtual tokens' cached keys and values in front), and then runs one decoding step for
+every running request at once: one forward over a (B, 1) batch whose rows each apply their own delta (see
+``rowwise``). The batch's attention cache is kept left-padded:
+
+    keys[l], values[l]   (B, H_kv, T, d)   row i's real positions are the last lengths[i] columns
+    mask                 (B, T)            1 where a row has a real position
+    positions            (B,)              the next position of each row (its own count, padding excluded)
+
+A joining request is left-padded to the batch's width (or the batch to its); a finished or cancelled request
+is dropped and columns no row needs any more are cut. transformers' own continuous batching (paged attention,
+all requests flattened into one packed sequence) is not used: nothing in it tells a layer which request a token
+belongs to, which per-request deltas need, and it cannot put prompt tuning's virtual tokens in front.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from deltatune.serve.bank import DeltaBank
+from deltatune.serve.rowwise import row_plan
+
+
+class QueueFull(Exception):
+    """The waiting queue is full (the HTTP layer answers 429 with Retry-After)."""
+
+
+@dataclass
+class SamplingParams:
+    """How a request samples and when it stops."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Event:
+    """What a request produced since the last event: new text, and at the end the finish reason and counts."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    """One generation request; ``emit`` is called from the engine thread with each Event."""
+
+    prompt_ids: list[int]
+    slot: int
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generated: list[int] = field(default_factory=list)
+    sent: str = ""
+    generator: torch.Generator | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class Engine:
+    """The decoding loop over one base model and its deltas."""
+
+    def __init__(self, bank: DeltaBank, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 64) -> None:
+        self.bank = bank
+        self.model = bank.model
+        self.tokenizer = tokenizer
+        self.device = bank.loaded.device
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.stop_ids = _stop_ids(self.model, tokenizer)
+        self._waiting: deque[Request] = deque()
+        self._cv = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._last_slot = -1
+        # the running batch
+        self._rows: list[Request] = []
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._mask = torch.zeros(0, 0, dtype=torch.long)
+        self._positions = torch.zeros(0, dtype=torch.long)
+        self._last = torch.zeros(0, dtype=torch.long)
+
+    # ---- outside the engine thread ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the decoding thread."""
+        self._thread = threading.Thread(target=self._loop, name="deltatune-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Request) -> None:
+        """Queue ``request``; raise QueueFull when ``max_queue`` requests already wait."""
+        with self._cv:
+            if self._closing:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.max_queue})")
+            self._waiting.append(request)
+            self._cv.notify()
+
+    def busy(self) -> int:
+        """Return the number of requests running or waiting."""
+        with self._cv:
+            return len(self._rows) + len(self._waiting)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, let those in flight finish (up to ``timeout`` s, then cancel them), end the thread."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        deadline = time.monotonic() + timeout
+        while self.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._cv:
+            for request in [*self._waiting, *self._rows]:
+                request.cancelled.set()
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # ---- the engine thread -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting and not self._rows and not self._closing:
+                    self._cv.wait(timeout=0.5)
+                if self._closing and not self._waiting and not self._rows:
+                    return
+                admitted = self._admit()
+            try:
+                for request in admitted:
+                    self._prefill(request)
+                if self._rows:
+                    self._decode_step()
+            except Exception as err:  # a failing forward ends the requests in it, never the server
+                self._fail_all(f"{type(err).__name__}: {err}")
+
+    def _admit(self) -> list[Request]:
+        """Take waiting requests for the free batch places, one delta at a time in turn (call with the lock)."""
+        room = self.max_batch - len(self._rows)
+        taken: list[Request] = []
+        while room > 0 and self._waiting:
+            slots = sorted({r.slot for r in self._waiting})
+            slot = next((s for s in slots if s > self._last_slot), slots[0])
+            request = next(r for r in self._waiting if r.slot == slot)
+            self._waiting.remove(request)
+            self._last_slot = slot
+            if request.cancelled.is_set():
+                request.emit(Event("", "cancelled", len(request.prompt_ids), 0))
+                continue
+            taken.append(request)
+            room -= 1
+        return taken
+
+    @torch.no_grad()
+    def _prefill(self, request: Request) -> None:
+        if request.params.seed is not None:
+            request.generator = torch.Generator().manual_seed(request.params.seed)
+        n = request.prefix[0][0].shape[2] if request.prefix else 0
+        length = len(request.prompt_ids)
+        ids = torch.tensor([request.prompt_ids], device=self.device)
+        cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in request.prefix]) \
+            if request.prefix else DynamicCache()
+        with row_plan(torch.tensor([request.slot])):
+            out = self.model(input_ids=ids, attention_mask=torch.ones(1, n + length, dtype=torch.long,
+                                                                      device=self.device),
+                             position_ids=torch.arange(n, n + length, device=self.device)[None],
+                             cache=cache, use_cache=True, logits_to_keep=1)
+        token = self._sample(out.logits[:, -1], [request])[0]
+        if self._advance(request, token, n + length + 1):
+            return
+        keys = [layer.keys for layer in cache.layers]
+        values = [layer.values for layer in cache.layers]
+        self._join(request, keys, values, n + length, token)
+
+    def _join(self, request: Request, keys: list[torch.Tensor], values: list[torch.Tensor], length: int,
+              token: int) -> None:
+        """Add a prefilled request to the batch (left-padding it or the batch to a common width)."""
+        mask = torch.ones(1, length, dtype=torch.long)
+        if not self._rows:
+            self._keys, self._values, self._mask = keys, values, mask
+        else:
+            width = max(self._mask.shape[1], length)
+            self._keys = [torch.cat([_pad_left(a, width), _pad_left(b, width)]) for a, b in zip(self._keys, keys,
+                                                                                                  strict=True)]
+            self._values = [torch.cat([_pad_left(a, width), _pad_left(b, width)])
+                            for a, b in zip(self._values, values, strict=True)]
+            self._mask = torch.cat([_pad_left_2d(self._mask, width), _pad_left_2d(mask, width)])
+        self._rows.append(request)
+        self._positions = torch.cat([self._positions, torch.tensor([length])])
+        self._last = torch.cat([self._last, torch.tensor([token])])
+
+    @torch.no_grad()
+    def _decode_step(self) -> None:
+        slots = torch.tensor([r.slot for r in self._rows])
+        mask = torch.cat([self._mask, torch.ones(len(self._rows), 1, dtype=torch.long)], dim=1)
+        cache = DynamicCache(ddp_cache_data=list(zip(self._keys, self._values, strict=True)))
+        with row_plan(slots):
+            out = self.model(input_ids=self._last[:, None].to(self.device), attention_mask=mask.to(self.device),
+                             position_ids=self._positions[:, None].to(self.device), cache=cache,
+                             use_cache=True)
+        self._keys = [layer.keys for layer in cache.layers]
+        self._values = [layer.values for layer in cache.layers]
+        self._mask = mask
+        self._positions = self._positions + 1
+        tokens = self._sample(out.logits[:, -1], self._rows)
+        keep = []
+        for i, (request, token) in enumerate(zip(self._rows, tokens, strict=True)):
+            if not self._advance(request, token, int(self._positions[i]) + 1):
+                keep.append(i)
+        self._last = torch.tensor(tokens, dtype=torch.long)
+        if len(keep) < len(self._rows):
+            self._keep(keep)
+
+    def _keep(self, rows: list[int]) -> None:
+        """Drop the batch rows not in ``rows`` and the leading columns no remaining row uses."""
+        index = torch.tensor(rows, dtype=torch.long)
+        self._rows = [self._rows[i] for i in rows]
+        self._mask = self._mask[index]
+        used = self._mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else self._mask.shape[1]
+        self._mask = self._mask[:, start:]
+        self._keys = [k[index.to(k.device), :, start:] for k in self._keys]
+        self._values = [v[index.to(v.device), :, start:] for v in self._values]
+        self._positions = self._positions[index]
+        self._last = self._last[index]
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+        """Return the next token of each row: greedy at temperature 0, else top-p sampling (seeded per request)."""
+        tokens = []
+        logits = logits.float().cpu()
+        for row, request in zip(logits, requests, strict=True):
+            p = request.params
+            if p.temperature <= 0:
+                tokens.append(int(row.argmax()))
+                continue
+            probs = torch.softmax(row / p.temperature, dim=-1)
+            if p.top_p < 1.0:
+                ordered, order = probs.sort(descending=True)
+                cut = ordered.cumsum(0) - ordered > p.top_p
+                ordered[cut] = 0
+                probs = torch.zeros_like(probs).scatter_(0, order, ordered)
+            tokens.append(int(torch.multinomial(probs / probs.sum(), 1, generator=request.generator)))
+        return tokens
+
+    def _advance(self, request: Request, token: int, used: int) -> bool:
+        """Record ``token`` for ``request``, emit the new text; return True when the request is finished."""
+        if request.cancelled.is_set():
+            request.emit(Event("", "cancelled", len(request.prompt_ids), len(request.generated)))
+            return True
+        finish = None
+        if token in self.stop_ids:
+            finish = "stop"
+        else:
+            request.generated.append(token)
+        text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
+        for stop in request.params.stop:
+            at = text.find(stop)
+            if stop and at >= 0:
+                text, finish = text[:at], "stop"
+        if finish is None and (len(request.generated) >= request.params.max_tokens or used >= self.context):
+            finish = "length"
+        if finish is None:
+            text = text[: len(text) - _held_back(text, request.params.stop)]
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
+                text = text[:-1]
+        new = text[len(request.sent):] if text.startswith(request.sent) else ""
+        request.sent += new
+        if new or finish is not None:
+            request.emit(Event(new, finish, len(request.prompt_ids), len(request.generated)))
+        return finish is not None
+
+    def _fail_all(self, message: str) -> None:
+        for request in self._rows:
+            request.emit(Event("", "error", len(request.prompt_ids), len(request.generated), error=message))
+        self._rows = []
+        self._positions = torch.zeros(0, dtype=torch.long)
+        self._last = torch.zeros(0, dtype=torch.long)
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many characters at the end of ``text`` could be the start of a stop string (not sent yet)."""
+    held = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                held = max(held, k)
+                break
+    return held
+
+
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-pad a (B, H, T, d) cache tensor with zeros to T = ``width``."""
+    missing = width - t.shape[2]
+    return t if missing == 0 else torch.cat([t.new_zeros(t.shape[0], t.shape[1], missing, t.shape[3]), t], dim=2)
+
+
+def _pad_left_2d(mask: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - mask.shape[1]
+    return mask if missing == 0 else torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1)
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The token ids that end a reply: the tokenizer's eos and the model's generation config eos ids."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return ids

@@ -1,0 +1,102 @@
+"""Many deltas in one forward: each row of a batch applies its own delta to the same frozen base layers.
+
+    with row_plan(torch.tensor([0, 2, 2, 1])):      # row 0: the base alone, rows 1-2: delta 2, row 3: delta 1
+        logits = model(input_ids=ids, ...).logits
+
+A served linear layer keeps the base ``nn.Linear`` untouched and, per delta slot, what that delta adds to it.
+For the rows of slot ``s`` (``x_s``: their inputs, ``W x + b``: the base's output):
+
+    LoRA (Hu et al. 2021):     y_s = W x_s + b + scale_s * B_s (A_s x_s)
+    IA3 on outputs (k, v):     y_s = l_s * (W x_s + b)
+    IA3 on inputs (FFN down):  y_s = W (l_s * x_s) + b
+    BitFit:                    y_s = W x_s + b + (b_s - b)
+
+Rows are grouped by slot once per forward (a few deltas per batch), so each delta costs one small matmul
+over its own rows; slot 0 rows see the base alone. With no plan set the layer is the base layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+_PLAN = threading.local()
+
+
+@dataclass
+class RowPlan:
+    """Which delta slot each row of the batch uses, with the rows of each slot computed once."""
+
+    slots: torch.Tensor  # (B,) long
+    groups: dict[int, torch.Tensor] = field(default_factory=dict)  # slot -> row indices (slot 0 left out)
+
+    @classmethod
+    def of(cls, slots: torch.Tensor) -> RowPlan:
+        """Return the plan for ``slots``."""
+        groups = {int(s): (slots == s).nonzero().flatten() for s in slots.unique().tolist() if s != 0}
+        return cls(slots, groups)
+
+
+@contextlib.contextmanager
+def row_plan(slots: torch.Tensor) -> Iterator[RowPlan]:
+    """Within the block, served layers apply per row the delta of ``slots`` (B,) (0: none)."""
+    previous = getattr(_PLAN, "plan", None)
+    _PLAN.plan = RowPlan.of(slots)
+    try:
+        yield _PLAN.plan
+    finally:
+        _PLAN.plan = previous
+
+
+def current_plan() -> RowPlan | None:
+    """Return the plan of the innermost ``row_plan`` block of this thread, or None."""
+    return getattr(_PLAN, "plan", None)
+
+
+class RowDeltaLinear(nn.Module):
+    """A frozen base linear layer plus per-slot deltas, each applied to the rows of its slot only."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base = base
+        self.lora: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}  # slot -> (A (r, in), B (out, r), s)
+        self.scale_out: dict[int, torch.Tensor] = {}  # slot -> (out,)
+        self.scale_in: dict[int, torch.Tensor] = {}  # slot -> (in,)
+        self.bias_delta: dict[int, torch.Tensor] = {}  # slot -> (out,)
+
+    def remove(self, slot: int) -> None:
+        """Forget what ``slot`` adds to this layer."""
+        for table in (self.lora, self.scale_out, self.scale_in, self.bias_delta):
+            table.pop(slot, None)
+
+    @property
+    def empty(self) -> bool:
+        """Whether no slot adds anything to this layer."""
+        return not (self.lora or self.scale_out or self.scale_in or self.bias_delta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
+        plan = current_plan()
+        if plan is None or not plan.groups:
+            return self.base(x)
+        if self.scale_in:
+            x_in = x.clone()
+            for slot, rows in plan.groups.items():
+                if slot in self.scale_in:
+                    x_in[rows] = x[rows] * self.scale_in[slot]
+            y = self.base(x_in)
+        else:
+            y = self.base(x)
+        for slot, rows in plan.groups.items():
+            if slot in self.lora:
+                a, b, scale = self.lora[slot]
+                y[rows] += scale * (x[rows] @ a.T) @ b.T
+            if slot in self.bias_delta:
+                y[rows] += self.bias_delta[slot]
+            if slot in self.scale_out:
+                y[rows] *= self.scale_out[slot]
+        return y

@@ -1,0 +1,232 @@
+"""`deltatune serve`: many deltas on one tiny base, continuous batching, the real `openai` SDK against a live server
+on a free loopback port, and OpenAI's error bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deltatune.delta import load_delta
+from deltatune.errors import DeltatuneError
+from deltatune.infer.generate import generate, render_prompt
+from deltatune.serve import Server, build_engine, delta_names, serve
+from deltatune.serve.engine import Event, Request, SamplingParams
+from tests.test_train import train_args, write_chat_data
+
+openai = pytest.importorskip("openai")
+
+METHODS = {
+    "lora": ("method.r=4", "train.lr=2e-2"),
+    "ia3": ("method.name=ia3", "train.lr=5e-2"),
+    "bitfit": ("method.name=bitfit", "train.lr=2e-2"),
+    "prompt": ("method.name=prompt_tuning", "method.num_virtual_tokens=4", "train.lr=5e-2"),
+}
+PROMPTS = ["What colour is apple number 3?", "What colour is sky number 8?", "Name a colour", "Say hi"]
+
+
+@pytest.fixture(scope="module")
+def deltas(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One trained delta per row-wise method on the tiny Llama (a few steps at high rates, so each differs)."""
+    root = tmp_path_factory.mktemp("serve")
+    data = write_chat_data(root / "d.jsonl", n=16)
+    out = {}
+    for name, extra in METHODS.items():
+        args = [a for a in train_args(tiny_llama_dir, data, root / name, "train.max_steps=4", "data.eval=null",
+                                      *extra) if not (name != "lora" and a == "method.r=4")]
+        from deltatune.cli import main
+
+        assert main(args) == 0
+        out[name] = root / name
+    return out
+
+
+def reference(folder: Path | None, base: Path, prompts: list[str], tokens: int) -> list[str]:
+    """What `deltatune generate` answers (greedy) for the delta in ``folder`` (None: the base)."""
+    if folder is None:
+        from deltatune.config import ModelConfig
+        from deltatune.models import load_model
+
+        loaded = load_model(ModelConfig(name=str(base), device="cpu"))
+        return generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=tokens)
+    delta = load_delta(folder, device="cpu")
+    return generate(delta.loaded.model, delta.loaded.tokenizer, prompts, max_new_tokens=tokens)
+
+
+def test_a_mixed_batch_of_deltas_gives_each_deltas_own_greedy_reply(deltas: dict[str, Path],
+                                                                    tiny_llama_dir: Path) -> None:
+    engine = build_engine(deltas, base=str(tiny_llama_dir), device="cpu", max_batch=32)
+    tokenizer, bank = engine.tokenizer, engine.bank
+    jobs: dict[tuple[str, str], list[Event]] = {}
+    for name in ["base", *deltas]:  # queued before the engine starts: all of them share the first batch
+        for prompt in PROMPTS:
+            events: list[Event] = []
+            ids = tokenizer(render_prompt(tokenizer, [{"role": "user", "content": prompt}]),
+                            add_special_tokens=False)["input_ids"]
+            served = bank.deltas.get(name)
+            engine.submit(Request(ids, served.slot if served else 0, SamplingParams(max_tokens=6, temperature=0),
+                                  emit=events.append, prefix=served.prefix if served else None))
+            jobs[name, prompt] = events
+    engine.start()
+    deadline = time.monotonic() + 60
+    while any(not e or e[-1].finish_reason is None for e in jobs.values()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    engine.stop()
+    replies = {}
+    for name in ["base", *deltas]:
+        want = reference(deltas.get(name), tiny_llama_dir, PROMPTS, 6)
+        got = ["".join(e.text for e in jobs[name, p]).strip() for p in PROMPTS]
+        assert got == want, name
+        replies[name] = tuple(got)
+    assert len(set(replies.values())) == len(replies)  # every delta answers differently: each row used its own
+
+
+@pytest.fixture(scope="module")
+def server(deltas: dict[str, Path], tiny_llama_dir: Path) -> Iterator[Server]:
+    handle = serve(deltas, base=str(tiny_llama_dir), port=0, device="cpu", background=True, max_batch=8,
+                   say=lambda text: None)
+    yield handle
+    handle.stop(timeout=5)
+
+
+def client(server: Server, **kwargs: object) -> object:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, **kwargs)
+
+
+def test_the_openai_client_lists_models_and_chats_with_each_delta(server: Server, deltas: dict[str, Path],
+                                                                  tiny_llama_dir: Path) -> None:
+    api = client(server)
+    assert {m.id for m in api.models.list().data} == {tiny_llama_dir.name, *deltas}
+    for name in deltas:
+        reply = api.chat.completions.create(model=name, messages=[{"role": "user", "content": PROMPTS[0]}],
+                                            max_tokens=6, temperature=0)
+        assert reply.choices[0].message.content.strip() == reference(deltas[name], tiny_llama_dir, PROMPTS[:1], 6)[0]
+        assert reply.object == "chat.completion" and reply.choices[0].finish_reason in ("stop", "length")
+        assert reply.usage.completion_tokens >= 1 and reply.usage.total_tokens == \
+            reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_streaming_sync_and_async_ends_with_done_and_equals_the_whole_reply(server: Server) -> None:
+    api = client(server)
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    whole = api.chat.completions.create(model="lora", messages=messages, max_tokens=8, temperature=0)
+    chunks = list(api.chat.completions.create(model="lora", messages=messages, max_tokens=8, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens >= 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+    async def run() -> list[str]:
+        api = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        streams = [await api.chat.completions.create(model=m, messages=messages, max_tokens=8, temperature=0,
+                                                     stream=True) for m in ("lora", "ia3", "prompt")]
+
+        async def read(stream: object) -> str:
+            return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+        return await asyncio.gather(*(read(s) for s in streams))
+
+    lora, ia3, prompt = asyncio.run(run())
+    assert lora == whole.choices[0].message.content and ia3 != lora and prompt != lora
+
+
+def test_completions_stop_strings_and_seeded_sampling(server: Server) -> None:
+    api = client(server)
+    plain = api.completions.create(model="bitfit", prompt="The colour of the sky is", max_tokens=8, temperature=0)
+    text = plain.choices[0].text
+    assert plain.object == "text_completion" and text
+    cut = text.strip()[:2]
+    assert cut, text
+    stopped = api.completions.create(model="bitfit", prompt="The colour of the sky is", max_tokens=8,
+                                     temperature=0, stop=[cut])
+    assert cut not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+    a, b = (api.chat.completions.create(model="ia3", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                        temperature=1.0, seed=7).choices[0].message.content for _ in range(2))
+    assert a == b
+
+
+def test_bad_requests_get_openai_error_bodies(server: Server, deltas: dict[str, Path]) -> None:
+    import httpx
+
+    url = server.url + "/v1/chat/completions"
+    chat = {"model": "lora", "messages": [{"role": "user", "content": "hi"}]}
+    cases = [
+        (b"{not json", 400, None),
+        (json.dumps({**chat, "model": "nope"}).encode(), 404, "model"),
+        (json.dumps({**chat, "max_tokens": 0}).encode(), 400, "max_tokens"),
+        (json.dumps({**chat, "temperature": "hot"}).encode(), 400, "temperature"),
+        (json.dumps({"model": "lora", "messages": []}).encode(), 400, "messages"),
+        (json.dumps({**chat, "messages": [{"role": "user", "content": "word " * 600}]}).encode(), 400, "messages"),
+    ]
+    for body, status, param in cases:
+        answer = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+        assert answer.status_code == status, answer.text
+        error = answer.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        assert error["param"] == param or param is None
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    # the server still answers after every bad request
+    assert client(server).chat.completions.create(model="lora", messages=chat["messages"], max_tokens=2).choices
+
+
+def test_api_key_and_a_full_queue(deltas: dict[str, Path], tiny_llama_dir: Path) -> None:
+    import httpx
+
+    handle = serve({"lora": deltas["lora"]}, base=str(tiny_llama_dir), port=0, device="cpu", background=True,
+                   api_key="s3cret", max_queue=0, say=lambda text: None)
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=handle.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        api = openai.OpenAI(base_url=handle.url + "/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in api.models.list().data][-1] == "lora"
+        busy = httpx.post(handle.url + "/v1/chat/completions", headers={"authorization": "Bearer s3cret"},
+                          json={"model": "lora", "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+        assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+        assert busy.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        handle.stop(timeout=5)
+
+
+def test_deltas_it_cannot_serve_are_refused_at_start(deltas: dict[str, Path], tiny_llama_dir: Path,
+                                                     tmp_path: Path) -> None:
+    from deltatune.cli import main
+
+    data = write_chat_data(tmp_path / "d.jsonl", n=8)
+    dora = tmp_path / "dora"
+    assert main(train_args(tiny_llama_dir, data, dora, "train.max_steps=1", "method.use_dora=true",
+                           "data.eval=null")) == 0
+    with pytest.raises(DeltatuneError, match="DoRA delta; the server applies lora, ia3, bitfit, prompt_tuning"):
+        build_engine({"d": dora}, device="cpu")
+    other = tmp_path / "other-base"
+    import shutil
+
+    shutil.copytree(tiny_llama_dir, other)
+    with pytest.raises(DeltatuneError, match=r"was trained on .* not on the served base"):
+        build_engine({"lora": deltas["lora"]}, base=str(other), device="cpu")
+    assert delta_names(["a=x", "y/z"]) == {"a": Path("x"), "z": Path("y/z")}
+    with pytest.raises(DeltatuneError, match="given twice"):
+        delta_names(["a=x", "a=y"])
+
+
+def test_a_cancelled_request_leaves_the_batch_at_once(deltas: dict[str, Path], tiny_llama_dir: Path) -> None:
+    engine = build_engine({"lora": deltas["lora"]}, base=str(tiny_llama_dir), device="cpu")
+    engine.start()
+    try:
+        events: list[Event] = []
+        ids = engine.tokenizer("hello", add_special_tokens=False)["input_ids"]
+        request = Request(ids, 1, SamplingParams(max_tokens=100000, temperature=1.0, seed=1), emit=events.append)
+        engine.submit(request)
+        while not events:
+            time.sleep(0.01)
+        request.cancelled.set()
+        deadline = time.monotonic() + 10
+        while engine.busy() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.busy() == 0 and events[-1].finish_reason == "cancelled"
+    finally:
+        engine.stop(timeout=1)
