@@ -63,6 +63,14 @@ def export_gguf(delta: Any, out: Any, **options: Any) -> Any:
     return _export(delta, out, **options)
 
 
+def serve(deltas: Any, **options: Any) -> Any:
+    """Serve deltas ({name: folder}) on one base over the OpenAI API; with ``background=True`` return a running
+    handle (``.url``, ``.stop()``), else block until stopped (see ``deltatune.serving.serve`` for the options)."""
+    from deltatune.serving import serve as _serve
+
+    return _serve(deltas, **options)
+
+
 __all__ = [
     "ConfigError",
     "DataError",
@@ -84,5 +92,6 @@ __all__ = [
     "merge",
     "save_delta",
     "save_merged",
+    "serve",
     "train",
 ]

@@ -211,7 +211,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve deltas on one base over an OpenAI-compatible HTTP API until Ctrl-C or SIGTERM."""
     import os
 
-    from deltatune.serve import delta_names, serve
+    from deltatune.serving import delta_names, serve
 
     api_key = args.api_key or os.environ.get("DELTATUNE_API_KEY") or None  # never printed
     serve(delta_names(args.deltas), base=args.base, host=args.host, port=args.port, api_key=api_key,

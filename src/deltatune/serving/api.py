@@ -26,8 +26,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from deltatune.infer.generate import render_prompt
-from deltatune.serve.engine import Engine, Event, QueueFull, SamplingParams
-from deltatune.serve.engine import Request as EngineRequest
+from deltatune.serving.engine import Engine, Event, QueueFull, SamplingParams
+from deltatune.serving.engine import Request as EngineRequest
 
 
 class ApiError(Exception):

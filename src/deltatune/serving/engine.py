@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from deltatune.serve.bank import DeltaBank
-from deltatune.serve.rowwise import row_plan
+from deltatune.serving.bank import DeltaBank
+from deltatune.serving.rowwise import row_plan
 
 
 class QueueFull(Exception):

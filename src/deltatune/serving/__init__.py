@@ -12,6 +12,7 @@ deltas, one slot each), ``engine`` (the continuous-batching decode loop), ``api`
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -61,8 +62,8 @@ def build_engine(deltas: dict[str, str | Path], *, base: str | None = None, devi
     from deltatune.config import ModelConfig
     from deltatune.delta import read_delta_info
     from deltatune.models import load_model
-    from deltatune.serve.bank import DeltaBank
-    from deltatune.serve.engine import Engine
+    from deltatune.serving.bank import DeltaBank
+    from deltatune.serving.engine import Engine
 
     if base is None:
         if not deltas:
@@ -85,7 +86,7 @@ def serve(deltas: dict[str, str | Path], *, base: str | None = None, host: str =
     """
     import uvicorn
 
-    from deltatune.serve.api import build_app
+    from deltatune.serving.api import build_app
 
     engine = build_engine(deltas, base=base, device=device, max_batch=max_batch, max_queue=max_queue)
     app = build_app(engine, api_key=api_key)
@@ -103,9 +104,20 @@ def serve(deltas: dict[str, str | Path], *, base: str | None = None, host: str =
         handle.url = _url(server, host)
         return handle
     say(_summary(engine, host, port))
-    server.run()
-    engine.stop()
+    # uvicorn answers SIGINT/SIGTERM with a graceful shutdown, then raises the signal again under the handlers it
+    # found: these (no-ops) make that an ordinary exit 0 once the requests in flight are answered
+    previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        engine.stop()
     return handle
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    return None
 
 
 def _url(server: Any, host: str) -> str:

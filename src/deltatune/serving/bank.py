@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from deltatune.delta import read_delta_info, read_delta_tensors, run_system_prompt
 from deltatune.errors import DeltatuneError
 from deltatune.models import LoadedModel, resolve_source
-from deltatune.serve.rowwise import RowDeltaLinear
+from deltatune.serving.rowwise import RowDeltaLinear
 
 ROW_METHODS = ("lora", "ia3", "bitfit", "prompt_tuning")
 PEFT_PREFIX = "base_model.model."
