@@ -70,6 +70,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = Field(default=1, ge=1, le=1)
+    ignore_eos: bool = False  # vLLM's extension: decode max_tokens whatever the model says (benchmarks)
 
     @field_validator("stop")
     @classmethod
@@ -82,7 +83,7 @@ class _Sampling(BaseModel):
         """Return the engine's sampling parameters."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(max_tokens=self.tokens() or default_tokens, temperature=self.temperature,
-                              top_p=self.top_p, seed=self.seed, stop=stop)
+                              top_p=self.top_p, seed=self.seed, stop=stop, ignore_eos=self.ignore_eos)
 
     def tokens(self) -> int | None:
         """Return the requested completion length."""

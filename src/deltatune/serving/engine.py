@@ -49,6 +49,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -272,7 +273,7 @@ class Engine:
             request.emit(Event("", "cancelled", len(request.prompt_ids), len(request.generated)))
             return True
         finish = None
-        if token in self.stop_ids:
+        if token in self.stop_ids and not request.params.ignore_eos:
             finish = "stop"
         else:
             request.generated.append(token)
