@@ -35,6 +35,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/speed.py
 	$(BIN)/python bench/techniques.py
 	$(BIN)/python bench/alpaca_lora.py
+	test -f runs/demo/adapter_model.safetensors || $(BIN)/deltatune train
+	$(BIN)/python bench/export.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

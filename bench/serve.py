@@ -114,12 +114,13 @@ async def load(url: str, clients: int, per_client: int, max_tokens: int, names: 
             "tpot_p50": pct(tpot, 0.5), "tpot_p95": pct(tpot, 0.95)}
 
 
-def start_server(deltas: dict[str, Path], port: int) -> subprocess.Popen:
+def start_server(deltas: dict[str, Path], port: int, quantize: str | None) -> subprocess.Popen:
     """`deltatune serve` with every delta, in its own process; returns once it answers."""
     import openai
 
     argv = [sys.executable, "-m", "deltatune", "serve", *(f"{n}={p}" for n, p in deltas.items()),
-            "--port", str(port), "--max-batch", "16", "--max-queue", "256"]
+            "--port", str(port), "--max-batch", "16", "--max-queue", "256",
+            *(["--quantize", quantize] if quantize else [])]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
     deadline = time.monotonic() + 300
@@ -177,6 +178,24 @@ def peft_contender(deltas: dict[str, Path], n: int, max_tokens: int) -> dict[str
             "tpot_p50": pct(tpot, 0.5), "request_p50": pct(latency, 0.5)}
 
 
+def demo_quality(quantize: str | None, n: int) -> float | None:
+    """Eval loss of the demo delta (runs/demo, `make demo`) on held-out alpaca examples, through the server's own
+    model (float32 or int8 weights); None without a demo delta."""
+    from deltatune.data import load_examples, tokenize_examples
+    from deltatune.evaluate import eval_loss
+    from deltatune.serving import build_engine
+    from deltatune.serving.rowwise import row_plan
+
+    if not Path("runs/demo/adapter_model.safetensors").is_file():
+        return None
+    engine = build_engine({"demo": Path("runs/demo")}, device="cpu", quantize=quantize)
+    examples, _ = tokenize_examples(load_examples(str(ALPACA))[-n:], engine.tokenizer, task="causal_lm",
+                                    max_length=512, truncation="drop", train_on_prompt=False, label2id=None)
+    with row_plan(torch.tensor([engine.bank.slot("demo")])):  # one example per forward: one row, the demo's
+        return eval_loss(engine.model, examples, task="causal_lm", batch_size=1, mode="pad",
+                         pad_id=engine.tokenizer.pad_token_id, device=torch.device("cpu"), chunked=False)["eval_loss"]
+
+
 def main() -> None:
     """Train the deltas once, run the contender and the server under each load, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -185,6 +204,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--contender-requests", type=int, default=8)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--quality-examples", type=int, default=64, help="held-out alpaca examples for eval loss")
     args = parser.parse_args()
     if not ALPACA.is_file():
         sys.exit(f"{ALPACA} not found: this benchmark reads the reference data beside the project")
@@ -193,18 +213,22 @@ def main() -> None:
     names = list(deltas)
     contender = peft_contender(deltas, args.contender_requests, args.max_tokens)
     print(json.dumps({"contender": "peft + generate", **contender}), flush=True)
-    proc = start_server(deltas, args.port)
     rows = []
-    try:
-        for clients in (int(c) for c in args.clients.split(",")):
-            row = asyncio.run(load(f"http://127.0.0.1:{args.port}", clients, args.requests_per_client,
-                                   args.max_tokens, names))
-            row["peak_mb"] = peak_mb(proc.pid)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=120)
+    for quantize in (None, "int8"):
+        proc = start_server(deltas, args.port, quantize)
+        try:
+            for clients in (int(c) for c in args.clients.split(",")):
+                row = asyncio.run(load(f"http://127.0.0.1:{args.port}", clients, args.requests_per_client,
+                                       args.max_tokens, names))
+                row["peak_mb"] = peak_mb(proc.pid)
+                row["weights"] = quantize or "float32"
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+    quality = {q or "float32": demo_quality(q, args.quality_examples) for q in (None, "int8")}
+    print(json.dumps({"demo_delta_eval_loss": quality}), flush=True)
     print(f"\nSmolLM2-135M-Instruct, 4 deltas ({', '.join(names)}), max_tokens {args.max_tokens}, greedy; "
           f"CPU: {cpu_name()}\n")
     print("| setup | clients | requests | tokens/s (aggregate) | x peft | TTFT p50 / p95 s | TPOT p50 / p95 ms "
@@ -214,9 +238,13 @@ def main() -> None:
     print(f"| transformers + peft, one request at a time | - | {contender['requests']} | {base:.1f} | 1.00x | - | "
           f"{contender['tpot_p50'] * 1000:.0f} / - | - |")
     for r in rows:
-        print(f"| deltatune serve | {r['clients']} | {r['requests']} | {r['tokens_per_s']:.1f} | "
+        print(f"| deltatune serve, {r['weights']} | {r['clients']} | {r['requests']} | {r['tokens_per_s']:.1f} | "
               f"{r['tokens_per_s'] / base:.2f}x | {r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | "
               f"{r['tpot_p50'] * 1000:.0f} / {r['tpot_p95'] * 1000:.0f} | {r['peak_mb']:.0f} |")
+    if quality["float32"] is not None:
+        gap = quality["int8"] - quality["float32"]
+        print(f"\ndemo delta eval loss on {args.quality_examples} held-out alpaca examples: float32 "
+              f"{quality['float32']:.4f}, int8 {quality['int8']:.4f} (difference {gap:+.4f})")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from deltatune.delta import load_delta
 from deltatune.errors import DeltatuneError
@@ -312,3 +313,25 @@ def test_the_demo_delta_answers_dates_through_the_api_as_generate_does(tmp_path:
         handle.stop(timeout=5)
     assert got == want
     assert sum(g == ref for g, (_, ref) in zip(got, pairs, strict=True)) >= 6, list(zip(got, pairs, strict=True))
+
+
+def test_int8_weights_keep_each_deltas_logits_close(deltas: dict[str, Path], tiny_llama_dir: Path) -> None:
+    from deltatune.serving.rowwise import row_plan
+
+    ids = torch.tensor([[1, 33, 900, 4093, 2, 216, 4000, 17]])
+    logits = {}
+    for quantize in (None, "int8"):
+        engine = build_engine(deltas, base=str(tiny_llama_dir), device="cpu", quantize=quantize)
+        names = ["base", *deltas]
+        slots = torch.tensor([engine.bank.slot(n) if n != "base" else 0 for n in names])
+        with torch.no_grad(), row_plan(slots):
+            out = engine.model(input_ids=ids.expand(len(names), -1)).logits  # prompt tuning's prefix aside
+        logits[quantize] = out
+    fp32, int8 = logits[None], logits["int8"]
+    cosine = torch.nn.functional.cosine_similarity(int8.flatten(1), fp32.flatten(1))
+    assert (cosine > 0.99).all(), cosine  # int8 rounding, per row
+    # LoRA, IA3 and BitFit still change the output as in float32 (prompt tuning acts through its cached prefix,
+    # which this direct forward leaves out)
+    effect, kept = (fp32[1:4] - fp32[0]).norm(dim=(1, 2)), (int8[1:4] - int8[0]).norm(dim=(1, 2))
+    assert ((kept - effect).abs() < 0.2 * effect).all(), (kept, effect)
+    assert type(engine.model.lm_head).__name__ == "Linear" and "quantized" in type(engine.model.lm_head).__module__

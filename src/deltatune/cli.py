@@ -215,7 +215,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or os.environ.get("DELTATUNE_API_KEY") or None  # never printed
     serve(delta_names(args.deltas), base=args.base, host=args.host, port=args.port, api_key=api_key,
-          max_batch=args.max_batch, max_queue=args.max_queue, device=args.device)
+          max_batch=args.max_batch, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
+          quantize=args.quantize)
     return 0
 
 
@@ -529,6 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $DELTATUNE_API_KEY, else none)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
+    p.add_argument("--quantize", choices=["int8"], help="store the base's linear layers in int8 (per-channel) and "
+                                                        "multiply with int8 kernels (VNNI); deltas stay float32")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the base's weights (auto: float32 on a CPU)")
     p.add_argument("--device", default="auto")
     p.set_defaults(handler=cmd_serve)
 

@@ -56,9 +56,10 @@ def delta_names(specs: list[str]) -> dict[str, Path]:
 
 
 def build_engine(deltas: dict[str, str | Path], *, base: str | None = None, device: str = "auto",
-                 max_batch: int = 16, max_queue: int = 64) -> Any:
+                 dtype: str = "auto", quantize: str | None = None, max_batch: int = 16, max_queue: int = 64) -> Any:
     """Load the base once and every delta on it; return the (not yet started) Engine. The base defaults to the
-    one the first delta was trained on."""
+    one the first delta was trained on; ``quantize="int8"`` stores its linear layers in int8 (see
+    ``rowwise.int8_linear``), ``dtype`` is ``model.dtype`` (``bfloat16`` where the CPU has bf16 units)."""
     from deltatune.config import ModelConfig
     from deltatune.delta import read_delta_info
     from deltatune.models import load_model
@@ -69,8 +70,8 @@ def build_engine(deltas: dict[str, str | Path], *, base: str | None = None, devi
         if not deltas:
             raise DeltatuneError("serve: give at least one delta folder, or --base MODEL to serve a base alone")
         base = read_delta_info(next(iter(deltas.values()))).base_model
-    loaded = load_model(ModelConfig(name=base, device=device), task="causal_lm")
-    bank = DeltaBank(loaded, base_name=Path(base).name if os.sep in base else base)
+    loaded = load_model(ModelConfig(name=base, device=device, dtype=dtype), task="causal_lm")
+    bank = DeltaBank(loaded, base_name=Path(base).name if os.sep in base else base, quantize=quantize)
     for name, folder in deltas.items():
         bank.add(name, folder)
     return Engine(bank, loaded.tokenizer, max_batch=max_batch, max_queue=max_queue)
@@ -78,7 +79,8 @@ def build_engine(deltas: dict[str, str | Path], *, base: str | None = None, devi
 
 def serve(deltas: dict[str, str | Path], *, base: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 16, max_queue: int = 64, device: str = "auto",
-          background: bool = False, say: Callable[[str], None] = print) -> Server:
+          dtype: str = "auto", quantize: str | None = None, background: bool = False,
+          say: Callable[[str], None] = print) -> Server:
     """Serve ``deltas`` ({name: folder}) on one base over the OpenAI API at ``host:port`` (0: a free port).
 
     With ``background`` the server runs in a thread and the returned Server's ``stop()`` ends it; otherwise this
@@ -88,7 +90,8 @@ def serve(deltas: dict[str, str | Path], *, base: str | None = None, host: str =
 
     from deltatune.serving.api import build_app
 
-    engine = build_engine(deltas, base=base, device=device, max_batch=max_batch, max_queue=max_queue)
+    engine = build_engine(deltas, base=base, device=device, dtype=dtype, quantize=quantize, max_batch=max_batch,
+                          max_queue=max_queue)
     app = build_app(engine, api_key=api_key)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
     server = uvicorn.Server(config)
@@ -134,7 +137,9 @@ def _summary(engine: Any, host: str, port: int) -> str:
     lines = [f"serving on http://{host}:{port}/v1 (OpenAI API; GET /health)",
              f"  {bank.base_name} (the base)"]
     lines += [f"  {d.name}: {d.method} delta from {d.folder} ({d.nbytes / 1e6:.1f} MB)" for d in bank.deltas.values()]
-    lines.append(f"memory: {rss:.0f} MB resident; continuous batching up to {engine.max_batch} requests")
+    weights = "int8 (per-channel, dynamic)" if bank.quantize == "int8" else str(next(bank.model.parameters()).dtype)
+    lines.append(f"memory: {rss:.0f} MB resident; base linear layers {weights}; continuous batching up to "
+                 f"{engine.max_batch} requests")
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from deltatune.delta import read_delta_info, read_delta_tensors, run_system_prompt
 from deltatune.errors import DeltatuneError
 from deltatune.models import LoadedModel, resolve_source
-from deltatune.serving.rowwise import RowDeltaLinear
+from deltatune.serving.rowwise import RowDeltaLinear, int8_linear
 
 ROW_METHODS = ("lora", "ia3", "bitfit", "prompt_tuning")
 PEFT_PREFIX = "base_model.model."
@@ -47,12 +47,32 @@ class ServedDelta:
 class DeltaBank:
     """The base model with its served deltas."""
 
-    def __init__(self, loaded: LoadedModel, base_name: str) -> None:
+    def __init__(self, loaded: LoadedModel, base_name: str, *, quantize: str | None = None) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.base_name = base_name
+        self.quantize = quantize
         self.deltas: dict[str, ServedDelta] = {}
         self._next_slot = 1
+        # every linear layer of the decoder becomes a served layer now, so int8 storage happens once and deltas
+        # loaded later find their layers in place
+        layers = [name for name, module in self.model.named_modules() if isinstance(module, nn.Linear)]
+        output = {name for name in layers if self.model.get_submodule(name) is self.model.get_output_embeddings()}
+        for name in layers:
+            if name not in output:
+                self._wrap(name)
+        if quantize == "int8":
+            if next(self.model.parameters()).dtype != torch.float32:
+                raise DeltatuneError("serve: --quantize int8 runs on a float32 base; drop --dtype")
+            for module in self.model.modules():
+                if isinstance(module, RowDeltaLinear):
+                    module.use_int8()
+            for name in output:
+                parent, _, child = name.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, child,
+                        int8_linear(self.model.get_submodule(name)))
+        elif quantize is not None:
+            raise DeltatuneError(f"serve: --quantize {quantize!r}: the server quantizes to int8 only")
 
     def slot(self, name: str) -> int:
         """Return the slot of delta ``name`` (the base's name: 0); raise KeyError for an unknown one."""
@@ -100,7 +120,7 @@ class DeltaBank:
             by_module.setdefault(module, {})[leaf] = value.to(dtype)
         for module, parts in by_module.items():
             layer = self._served_layer(module, served.folder)
-            base_bias = layer.base.bias
+            base_bias = layer.base_bias
             if served.method == "lora":
                 r = parts["lora_A"].shape[0]
                 scale = method.alpha / (math.sqrt(r) if method.use_rslora else r)  # type: ignore[attr-defined]
@@ -112,7 +132,7 @@ class DeltaBank:
                 else:  # (out, 1): scales the output
                     layer.scale_out[served.slot] = vector.flatten()
             else:  # bitfit: the trained bias; the base's bias is zero where the layer had none
-                delta = parts["bias"] - (base_bias.detach() if base_bias is not None else 0)
+                delta = parts["bias"] - (base_bias if base_bias is not None else 0)
                 layer.bias_delta[served.slot] = delta
             served.modules.append(module)
 
@@ -123,15 +143,15 @@ class DeltaBank:
         except AttributeError:
             raise DeltatuneError(f"serve: {folder} names the layer {module}, which the served base does not "
                                  "have") from None
-        if isinstance(layer, RowDeltaLinear):
-            return layer
-        if not isinstance(layer, nn.Linear):
+        if not isinstance(layer, RowDeltaLinear):
             raise DeltatuneError(f"serve: {folder} adapts {module}, a {type(layer).__name__}; the server applies "
-                                 "deltas to linear layers")
+                                 "deltas to the decoder's linear layers")
+        return layer
+
+    def _wrap(self, module: str) -> None:
         parent_name, _, child = module.rpartition(".")
-        wrapper = RowDeltaLinear(layer)
-        setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, wrapper)
-        return wrapper
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, child, RowDeltaLinear(getattr(parent, child)))
 
     @torch.no_grad()
     def _prompt_prefix(self, embeddings: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

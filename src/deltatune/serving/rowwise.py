@@ -63,11 +63,17 @@ class RowDeltaLinear(nn.Module):
 
     def __init__(self, base: nn.Linear) -> None:
         super().__init__()
-        self.base = base
+        self.base: nn.Module = base  # may become an int8 layer (``int8_linear``); the float bias is kept below
+        self.base_bias = base.bias.detach().clone() if base.bias is not None else None
         self.lora: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}  # slot -> (A (r, in), B (out, r), s)
         self.scale_out: dict[int, torch.Tensor] = {}  # slot -> (out,)
         self.scale_in: dict[int, torch.Tensor] = {}  # slot -> (in,)
         self.bias_delta: dict[int, torch.Tensor] = {}  # slot -> (out,)
+
+    def use_int8(self) -> None:
+        """Store the base weights in int8 (per output channel) and multiply with int8 kernels (see
+        :func:`int8_linear`); the deltas stay in float32."""
+        self.base = int8_linear(self.base)
 
     def remove(self, slot: int) -> None:
         """Forget what ``slot`` adds to this layer."""
@@ -100,3 +106,17 @@ class RowDeltaLinear(nn.Module):
             if slot in self.scale_out:
                 y[rows] *= self.scale_out[slot]
         return y
+
+
+def int8_linear(linear: nn.Linear) -> nn.Module:
+    """Return ``linear`` with int8 weights, one scale per output channel, computed with activations quantized
+    per call (PyTorch's dynamic quantization: fbgemm / oneDNN kernels, VNNI where the CPU has it)."""
+    import warnings
+
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    linear.qconfig = per_channel_dynamic_qconfig
+    with warnings.catch_warnings():  # torch points to torchao for new code; these kernels are what a CPU needs
+        warnings.simplefilter("ignore")
+        return DynamicInt8Linear.from_float(linear)
