@@ -315,8 +315,23 @@ def test_the_demo_delta_answers_dates_through_the_api_as_generate_does(tmp_path:
     assert sum(g == ref for g, (_, ref) in zip(got, pairs, strict=True)) >= 6, list(zip(got, pairs, strict=True))
 
 
+def test_int8_matmul_splits_outlier_channels_off_like_llm_int8() -> None:
+    from deltatune.serving.rowwise import Int8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 64)
+    x = torch.randn(5, 3, 128)
+    x[..., 7] *= 40  # one outlier channel, as LLM activations have
+    want = linear(x).detach()
+    got = Int8Linear(linear)(x)
+    assert got.shape == want.shape
+    assert float((got - want).abs().max() / want.abs().max()) < 0.02
+    plain = Int8Linear(linear, threshold=float("inf"))(x)  # without the split, the outlier coarsens every token
+    assert float((plain - want).abs().max()) > 3 * float((got - want).abs().max())
+
+
 def test_int8_weights_keep_each_deltas_logits_close(deltas: dict[str, Path], tiny_llama_dir: Path) -> None:
-    from deltatune.serving.rowwise import row_plan
+    from deltatune.serving.rowwise import Int8Linear, row_plan
 
     ids = torch.tensor([[1, 33, 900, 4093, 2, 216, 4000, 17]])
     logits = {}
@@ -334,4 +349,5 @@ def test_int8_weights_keep_each_deltas_logits_close(deltas: dict[str, Path], tin
     # which this direct forward leaves out)
     effect, kept = (fp32[1:4] - fp32[0]).norm(dim=(1, 2)), (int8[1:4] - int8[0]).norm(dim=(1, 2))
     assert ((kept - effect).abs() < 0.2 * effect).all(), (kept, effect)
-    assert type(engine.model.lm_head).__name__ == "Linear" and "quantized" in type(engine.model.lm_head).__module__
+    assert isinstance(engine.model.lm_head, Int8Linear)
+    assert isinstance(engine.model.model.layers[0].mlp.down_proj.base, Int8Linear)

@@ -137,7 +137,7 @@ def _summary(engine: Any, host: str, port: int) -> str:
     lines = [f"serving on http://{host}:{port}/v1 (OpenAI API; GET /health)",
              f"  {bank.base_name} (the base)"]
     lines += [f"  {d.name}: {d.method} delta from {d.folder} ({d.nbytes / 1e6:.1f} MB)" for d in bank.deltas.values()]
-    weights = "int8 (per-channel, dynamic)" if bank.quantize == "int8" else str(next(bank.model.parameters()).dtype)
+    weights = "int8 (LLM.int8-style)" if bank.quantize == "int8" else str(next(bank.model.parameters()).dtype)
     lines.append(f"memory: {rss:.0f} MB resident; base linear layers {weights}; continuous batching up to "
                  f"{engine.max_batch} requests")
     return "\n".join(lines)

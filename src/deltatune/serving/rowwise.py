@@ -108,15 +108,48 @@ class RowDeltaLinear(nn.Module):
         return y
 
 
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights (one scale per output channel) that multiplies in int8 (``torch._int_mm``:
+    VNNI / AMX kernels where the CPU has them), as LLM.int8 does (Dettmers et al. 2022):
+
+        x = x_regular + x_outlier          outlier: input channels where some |x| > threshold (6.0)
+        y = dequant(int8(x_regular) @ W_int8^T) + x_outlier @ W_deq[:, outlier]^T + b
+
+    Activations are quantized per token (absmax / 127), so one token's large values do not coarsen another's;
+    the few outlier channels (LLMs have some, large, in fixed places) go through a float matmul instead."""
+
+    def __init__(self, linear: nn.Linear, threshold: float = 6.0) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        self.scale = (w.abs().amax(dim=1).clamp(min=1e-8) / 127).contiguous()  # (out,)
+        q = torch.round(w / self.scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.weight_t = q.t().contiguous()  # (in, out) int8
+        self.bias = linear.bias.detach().float().clone() if linear.bias is not None else None
+        self.threshold = threshold
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()  # (N, in)
+        outlier = (x2.abs() > self.threshold).any(dim=0).nonzero().flatten()
+        regular = x2
+        extra = None
+        if len(outlier):
+            regular = x2.clone()
+            regular[:, outlier] = 0
+            w_out = self.weight_t[outlier].float() * self.scale  # (k, out)
+            extra = x2[:, outlier] @ w_out
+        sx = regular.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127  # (N, 1)
+        xq = torch.round(regular / sx).to(torch.int8)
+        y = torch._int_mm(xq, self.weight_t).float() * sx * self.scale
+        if extra is not None:
+            y += extra
+        if self.bias is not None:
+            y += self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
 def int8_linear(linear: nn.Linear) -> nn.Module:
-    """Return ``linear`` with int8 weights, one scale per output channel, computed with activations quantized
-    per call (PyTorch's dynamic quantization: fbgemm / oneDNN kernels, VNNI where the CPU has it)."""
-    import warnings
-
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
-    from torch.ao.quantization import per_channel_dynamic_qconfig
-
-    linear.qconfig = per_channel_dynamic_qconfig
-    with warnings.catch_warnings():  # torch points to torchao for new code; these kernels are what a CPU needs
-        warnings.simplefilter("ignore")
-        return DynamicInt8Linear.from_float(linear)
+    """Return ``linear`` as an :class:`Int8Linear` (int8 weights and int8 matmuls, outlier channels in float)."""
+    return Int8Linear(linear)
