@@ -530,8 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $DELTATUNE_API_KEY, else none)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
-    p.add_argument("--quantize", choices=["int8"], help="store the base's linear layers in int8 (per-channel) and "
-                                                        "multiply in int8 (LLM.int8: outlier channels in float); deltas stay float32")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="the base's linear layers in int8, multiplied in int8 (LLM.int8: outlier channels in float); "
+                        "deltas stay float32")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="the base's weights (auto: float32 on a CPU)")
     p.add_argument("--device", default="auto")
