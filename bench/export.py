@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from machine import cpu_name
 
 from deltatune.data import load_examples, tokenize_examples
 from deltatune.delta import load_delta, merged_model
@@ -29,15 +29,6 @@ from deltatune.export import QUANTS, export_gguf
 from deltatune.infer.generate import generate
 
 ALPACA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "alpaca_en_demo.json"
-
-
-def cpu_name() -> str:
-    """The CPU model and whether it has AVX-512 (figures depend on it)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
-                platform.processor())
-    flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
-    return f"{name}, {'AVX-512' if 'avx512f' in flags else 'AVX2'}{' BF16' if 'avx512_bf16' in flags else ''}"
 
 
 def quality(model: torch.nn.Module, tokenizer: Any, alpaca: list[Any], demo: list[Any]) -> dict[str, float]:

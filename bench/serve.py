@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine import cpu_name
 
 ALPACA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "alpaca_en_demo.json"
 OUT = Path("runs/bench-serve")
@@ -34,15 +34,6 @@ METHODS = {
     "bitfit": ["method.name=bitfit"],
     "prompt": ["method.name=prompt_tuning", "method.num_virtual_tokens=8"],
 }
-
-
-def cpu_name() -> str:
-    """The CPU model and its vector extensions (figures depend on them)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
-                platform.processor())
-    flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
-    return f"{name}, {'AVX-512' if 'avx512f' in flags else 'AVX2'}"
 
 
 def train_deltas() -> dict[str, Path]:

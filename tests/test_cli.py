@@ -7,7 +7,7 @@ import yaml
 
 from deltatune.cli import build_parser, main
 
-COMMANDS = ["train", "config", "generate", "chat", "eval", "merge", "compare", "export", "hosted"]
+COMMANDS = ["train", "config", "generate", "chat", "eval", "merge", "compare", "export", "serve", "hosted"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
