@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,8 +205,6 @@ def test_deltas_it_cannot_serve_are_refused_at_start(deltas: dict[str, Path], ti
     with pytest.raises(DeltatuneError, match="DoRA delta; the server applies lora, ia3, bitfit, prompt_tuning"):
         build_engine({"d": dora}, device="cpu")
     other = tmp_path / "other-base"
-    import shutil
-
     shutil.copytree(tiny_llama_dir, other)
     with pytest.raises(DeltatuneError, match=r"was trained on .* not on the served base"):
         build_engine({"lora": deltas["lora"]}, base=str(other), device="cpu")
@@ -351,3 +350,39 @@ def test_int8_weights_keep_each_deltas_logits_close(deltas: dict[str, Path], tin
     assert ((kept - effect).abs() < 0.2 * effect).all(), (kept, effect)
     assert isinstance(engine.model.lm_head, Int8Linear)
     assert isinstance(engine.model.model.layers[0].mlp.down_proj.base, Int8Linear)
+
+
+def test_deltas_are_added_and_removed_while_running_only_when_allowed(server: Server, deltas: dict[str, Path],
+                                                                      tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import httpx
+
+    off = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(deltas["ia3"])})
+    assert off.status_code == 404 and "--allow-delta-updates" in off.json()["error"]["message"]
+    root = deltas["lora"].parent
+    handle = serve({"lora": deltas["lora"]}, base=str(tiny_llama_dir), port=0, device="cpu", background=True,
+                   delta_root=root, say=lambda text: None)
+    try:
+        api = client(handle)
+        url = handle.url + "/v1/"
+        added = httpx.post(url + "load_lora_adapter", json={"lora_name": "late", "lora_path": str(deltas["ia3"])})
+        assert added.status_code == 200, added.text
+        assert "late" in {m.id for m in api.models.list().data}
+        reply = api.chat.completions.create(model="late", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                            max_tokens=6, temperature=0)
+        assert reply.choices[0].message.content.strip() == reference(deltas["ia3"], tiny_llama_dir, PROMPTS[:1], 6)[0]
+        outside = tmp_path / "elsewhere"
+        shutil.copytree(deltas["bitfit"], outside)
+        refused = httpx.post(url + "load_lora_adapter", json={"lora_name": "o", "lora_path": str(outside)})
+        assert refused.status_code == 400 and "--delta-root" in refused.json()["error"]["message"]
+        twice = httpx.post(url + "load_lora_adapter", json={"lora_name": "late", "lora_path": str(deltas["ia3"])})
+        assert twice.status_code == 400 and "given twice" in twice.json()["error"]["message"]
+        assert httpx.post(url + "unload_lora_adapter", json={"lora_name": "late"}).status_code == 200
+        assert httpx.post(url + "unload_lora_adapter", json={"lora_name": "late"}).status_code == 404
+        with pytest.raises(openai.NotFoundError):
+            api.chat.completions.create(model="late", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        # the delta that stayed is untouched
+        kept = api.chat.completions.create(model="lora", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                           max_tokens=6, temperature=0)
+        assert kept.choices[0].message.content.strip() == reference(deltas["lora"], tiny_llama_dir, PROMPTS[:1], 6)[0]
+    finally:
+        handle.stop(timeout=5)

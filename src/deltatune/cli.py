@@ -207,6 +207,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _delta_root(args: argparse.Namespace) -> str | None:
+    if args.allow_delta_updates and not args.delta_root:
+        raise DeltatuneError("serve --allow-delta-updates: also give --delta-root DIR, the folder deltas may be "
+                             "loaded from")
+    if args.delta_root and not args.allow_delta_updates:
+        raise DeltatuneError("serve --delta-root: deltas are added and removed only with --allow-delta-updates")
+    return args.delta_root if args.allow_delta_updates else None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve deltas on one base over an OpenAI-compatible HTTP API until Ctrl-C or SIGTERM."""
     import os
@@ -216,7 +225,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("DELTATUNE_API_KEY") or None  # never printed
     serve(delta_names(args.deltas), base=args.base, host=args.host, port=args.port, api_key=api_key,
           max_batch=args.max_batch, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
-          quantize=args.quantize)
+          quantize=args.quantize, delta_root=_delta_root(args))
     return 0
 
 
@@ -533,6 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8"],
                    help="the base's linear layers in int8, multiplied in int8 (LLM.int8: outlier channels in float); "
                         "deltas stay float32")
+    p.add_argument("--allow-delta-updates", action="store_true",
+                   help="accept POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's request shape, any "
+                        "method served per row) for folders under --delta-root")
+    p.add_argument("--delta-root", metavar="DIR", help="the only folder deltas may be loaded from at run time")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="the base's weights (auto: float32 on a CPU)")
     p.add_argument("--device", default="auto")

@@ -79,12 +79,13 @@ def build_engine(deltas: dict[str, str | Path], *, base: str | None = None, devi
 
 def serve(deltas: dict[str, str | Path], *, base: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 16, max_queue: int = 64, device: str = "auto",
-          dtype: str = "auto", quantize: str | None = None, background: bool = False,
-          say: Callable[[str], None] = print) -> Server:
+          dtype: str = "auto", quantize: str | None = None, delta_root: str | Path | None = None,
+          background: bool = False, say: Callable[[str], None] = print) -> Server:
     """Serve ``deltas`` ({name: folder}) on one base over the OpenAI API at ``host:port`` (0: a free port).
 
     With ``background`` the server runs in a thread and the returned Server's ``stop()`` ends it; otherwise this
     call blocks until the server is stopped (Ctrl-C or SIGTERM: requests in flight finish first) and returns it.
+    With ``delta_root`` deltas under that folder can be added and removed while the server runs.
     """
     import uvicorn
 
@@ -92,7 +93,9 @@ def serve(deltas: dict[str, str | Path], *, base: str | None = None, host: str =
 
     engine = build_engine(deltas, base=base, device=device, dtype=dtype, quantize=quantize, max_batch=max_batch,
                           max_queue=max_queue)
-    app = build_app(engine, api_key=api_key)
+    if delta_root is not None and not Path(delta_root).is_dir():
+        raise DeltatuneError(f"serve: --delta-root {delta_root} is not a folder")
+    app = build_app(engine, api_key=api_key, delta_root=Path(delta_root) if delta_root is not None else None)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
     server = uvicorn.Server(config)
     engine.start()

@@ -19,12 +19,14 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from deltatune.errors import DeltatuneError
 from deltatune.infer.generate import render_prompt
 from deltatune.serving.engine import Engine, Event, QueueFull, SamplingParams
 from deltatune.serving.engine import Request as EngineRequest
@@ -115,8 +117,25 @@ class CompletionBody(_Sampling):
         return self.prompt
 
 
-def build_app(engine: Engine, *, api_key: str | None = None, default_max_tokens: int = 256) -> FastAPI:
-    """Return the FastAPI application serving ``engine``'s base and deltas."""
+class LoadDeltaBody(BaseModel):
+    """POST /v1/load_lora_adapter (vLLM's shape; any method the server applies per row)."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadDeltaBody(BaseModel):
+    """POST /v1/unload_lora_adapter."""
+
+    model_config = ConfigDict(extra="allow")
+    lora_name: str = Field(min_length=1)
+
+
+def build_app(engine: Engine, *, api_key: str | None = None, default_max_tokens: int = 256,
+              delta_root: Path | None = None) -> FastAPI:
+    """Return the FastAPI application serving ``engine``'s base and deltas. With ``delta_root`` deltas can be
+    added and removed while running (vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``), from
+    folders under that root only."""
     app = FastAPI(title="deltatune serve", docs_url=None, redoc_url=None)
     bank, tokenizer = engine.bank, engine.tokenizer
     created = int(time.time())
@@ -140,9 +159,39 @@ def build_app(engine: Engine, *, api_key: str | None = None, default_max_tokens:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        names = [bank.base_name, *bank.deltas]
+        names = [bank.base_name, *list(bank.deltas)]
         return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "deltatune"}
                                            for n in names]}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_delta(request: Request) -> Any:
+        body = await _parse(request, LoadDeltaBody)
+        root = _updates_allowed(delta_root)
+        folder = Path(body.lora_path).expanduser().resolve()
+        if not folder.is_relative_to(root):
+            raise ApiError(400, f"lora_path must be a folder under the server's --delta-root {root}",
+                           param="lora_path")
+        try:
+            await asyncio.to_thread(engine.between_steps, lambda: bank.add(body.lora_name, folder))
+        except DeltatuneError as err:
+            raise ApiError(400, str(err), param="lora_path") from None
+        return PlainTextResponse(f"Success: delta {body.lora_name!r} added.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_delta(request: Request) -> Any:
+        body = await _parse(request, UnloadDeltaBody)
+        _updates_allowed(delta_root)
+        if body.lora_name not in bank.deltas:
+            raise ApiError(404, f"no delta named {body.lora_name!r}", param="lora_name", code="model_not_found")
+        def remove() -> None:  # in the engine thread: no request of it can start or run meanwhile
+            busy = engine.in_flight(bank.deltas[body.lora_name].slot)
+            if busy:
+                raise ApiError(400, f"{body.lora_name!r} has {busy} requests in flight; retry when they are done",
+                               param="lora_name")
+            bank.remove(body.lora_name)
+
+        await asyncio.to_thread(engine.between_steps, remove)
+        return PlainTextResponse(f"Success: delta {body.lora_name!r} removed.")
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
@@ -163,7 +212,7 @@ def build_app(engine: Engine, *, api_key: str | None = None, default_max_tokens:
 
     async def _run(body: _Sampling, ids: list[int], *, chat: bool) -> Any:
         slot = _slot(bank, body.model)
-        prefix = next((d.prefix for d in bank.deltas.values() if d.slot == slot), None)
+        prefix = next((d.prefix for d in list(bank.deltas.values()) if d.slot == slot), None)
         virtual = prefix[0][0].shape[2] if prefix else 0
         params = body.params(default_max_tokens)
         if not ids:
@@ -206,7 +255,14 @@ def build_app(engine: Engine, *, api_key: str | None = None, default_max_tokens:
     return app
 
 
-async def _parse(request: Request, model: type[_Sampling]) -> Any:
+def _updates_allowed(root: Path | None) -> Path:
+    if root is None:
+        raise ApiError(404, "adding and removing deltas is off; start the server with --allow-delta-updates "
+                            "--delta-root DIR", code="not_enabled")
+    return root.resolve()
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
     """Read and validate a JSON body; raise ApiError 400 naming the field."""
     try:
         raw = json.loads(await request.body())

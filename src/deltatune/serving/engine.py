@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +97,7 @@ class Engine:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._last_slot = -1
+        self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
         # the running batch
         self._rows: list[Request] = []
         self._keys: list[torch.Tensor] = []
@@ -143,12 +145,39 @@ class Engine:
 
     # ---- the engine thread -----------------------------------------------------------------------------
 
+    def between_steps(self, fn: Callable[[], Any], timeout: float = 120.0) -> Any:
+        """Run ``fn`` in the engine thread between two decoding steps (never during a forward) and return its
+        result or raise its exception; inline when the engine thread is not running."""
+        if self._thread is None or not self._thread.is_alive():
+            return fn()
+        future: Future[Any] = Future()
+        with self._cv:
+            self._calls.append((fn, future))
+            self._cv.notify()
+        return future.result(timeout=timeout)
+
+    def in_flight(self, slot: int) -> int:
+        """Return how many requests of delta ``slot`` are running or waiting."""
+        with self._cv:
+            return sum(1 for r in [*self._rows, *self._waiting] if r.slot == slot)
+
+    def _run_calls(self) -> None:
+        with self._cv:
+            calls, self._calls = self._calls, []
+        for fn, future in calls:
+            try:
+                future.set_result(fn())
+            except Exception as err:  # the caller gets it
+                future.set_exception(err)
+
     def _loop(self) -> None:
         while True:
+            self._run_calls()
             with self._cv:
-                while not self._waiting and not self._rows and not self._closing:
+                while not self._waiting and not self._rows and not self._closing and not self._calls:
                     self._cv.wait(timeout=0.5)
                 if self._closing and not self._waiting and not self._rows:
+                    self._run_calls()
                     return
                 admitted = self._admit()
             try:
