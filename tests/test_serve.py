@@ -386,3 +386,24 @@ def test_deltas_are_added_and_removed_while_running_only_when_allowed(server: Se
         assert kept.choices[0].message.content.strip() == reference(deltas["lora"], tiny_llama_dir, PROMPTS[:1], 6)[0]
     finally:
         handle.stop(timeout=5)
+
+
+def test_the_vllm_engine_command_serves_lora_deltas_and_refuses_the_others(deltas: dict[str, Path],
+                                                                           tiny_llama_dir: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from deltatune.cli import main
+    from deltatune.serving.vllm import vllm_command
+
+    command = vllm_command({"dates": deltas["lora"]}, base=None, host="127.0.0.1", port=9000, api_key="k",
+                           max_batch=16)
+    assert command[:3] == ["vllm", "serve", str(tiny_llama_dir)]
+    assert command[command.index("--lora-modules") + 1] == f"dates={deltas['lora'].resolve()}"
+    assert command[command.index("--max-lora-rank") + 1] == "8" and "k" not in command  # the key goes by env
+    with pytest.raises(DeltatuneError, match="ia3 delta; vLLM serves LoRA deltas only"):
+        vllm_command({"x": deltas["ia3"]}, base=None, host="h", port=1, api_key=None, max_batch=1)
+    if shutil.which("vllm") is not None:
+        pytest.skip("vLLM is installed here: the command would start it")
+    # vLLM is not installed: one line saying how to get it
+    assert main(["serve", f"dates={deltas['lora']}", "--engine", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert "vLLM is not installed here" in err and err.count("\n") == 1

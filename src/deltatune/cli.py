@@ -223,6 +223,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from deltatune.serving import delta_names, serve
 
     api_key = args.api_key or os.environ.get("DELTATUNE_API_KEY") or None  # never printed
+    if args.engine == "vllm":
+        from deltatune.serving.vllm import run_vllm, vllm_command
+
+        command = vllm_command(delta_names(args.deltas), base=args.base, host=args.host, port=args.port,
+                               api_key=api_key, max_batch=args.max_batch)
+        return run_vllm(command, api_key)
     serve(delta_names(args.deltas), base=args.base, host=args.host, port=args.port, api_key=api_key,
           max_batch=args.max_batch, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
           quantize=args.quantize, delta_root=_delta_root(args))
@@ -542,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8"],
                    help="the base's linear layers in int8, multiplied in int8 (LLM.int8: outlier channels in float); "
                         "deltas stay float32")
+    p.add_argument("--engine", choices=["deltatune", "vllm"], default="deltatune",
+                   help="vllm: start vLLM's OpenAI server for the same base and LoRA deltas instead (where vLLM is "
+                        "installed; GPUs, several machines)")
     p.add_argument("--allow-delta-updates", action="store_true",
                    help="accept POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's request shape, any "
                         "method served per row) for folders under --delta-root")
