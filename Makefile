@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/alpaca_lora.py
 	test -f runs/demo/adapter_model.safetensors || $(BIN)/deltatune train
 	$(BIN)/python bench/export.py
+	$(BIN)/python bench/serve.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
