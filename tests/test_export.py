@@ -409,7 +409,7 @@ def test_smollm2_with_a_lora_delta_exports_and_reads_back(smollm2_dir: Path, tmp
     dt.save_delta(delta, method, loaded.model, loaded.source, task="causal_lm")
     ids = torch.tensor([[1, 9690, 198, 2683, 314, 253, 5356, 30, 2, 198, 1, 520, 9531, 198]])
     want = merged_logits(delta, ids)
-    for quant, bound in (("f32", 1e-3), ("q8_0", 1.0)):
+    for quant, bound in (("f32", 1e-3),):  # the other types: on the tiny models and in bench/export.py
         out = tmp_path / f"smollm2-{quant}.gguf"
         export_gguf(delta, out, quant=quant, say=quiet)
         gap = float((gguf_logits(out, ids) - want).abs().max())
@@ -451,9 +451,12 @@ def test_exporting_the_bundled_model_to_its_own_type_warns(smollm2_dir: Path, tm
     loaded = dt.load_model(dt.ModelConfig(name="default", device="cpu"))
     method = dt.attach(loaded.model, {"name": "bitfit"})
     dt.save_delta(tmp_path / "d", method, loaded.model, loaded.source, task="causal_lm")
+    from deltatune.export import _warn_if_base_on_grid  # what export_gguf calls before writing
+    from deltatune.export.tensors import QUANTS
+
     said: list[str] = []
-    export_gguf(tmp_path / "d", tmp_path / "m.gguf", quant="q4_1", say=said.append)
+    _warn_if_base_on_grid(tmp_path / "d", QUANTS["q4_1"], said.append)
     assert any("already lie exactly on q4_1's grid" in line for line in said)
     said.clear()
-    export_gguf(tmp_path / "d", tmp_path / "n.gguf", quant="q4_0", say=said.append)
-    assert not any("warning" in line for line in said)
+    _warn_if_base_on_grid(tmp_path / "d", QUANTS["q4_0"], said.append)
+    assert not said

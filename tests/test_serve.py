@@ -289,29 +289,36 @@ def test_the_python_api_serve_stays_a_function_after_the_package_is_imported() -
 
 @pytest.mark.slow
 def test_the_demo_delta_answers_dates_through_the_api_as_generate_does(tmp_path: Path) -> None:
-    """The bundled SmolLM2 with the demo's LoRA delta (trained here, 40 steps), eight held-out dates asked at once
-    through the openai client: the same tokens as `deltatune generate`, and mostly right."""
+    """The bundled SmolLM2 with the demo's LoRA delta (trained here), eight held-out dates asked at once
+    through the openai client: the same tokens as `deltatune generate`, and mostly right (the demo on 192 of its
+    320 examples, 24 steps, to keep the suite short)."""
     from deltatune.cli import main
     from deltatune.data import load_examples
     from deltatune.evaluate import reference_pairs
 
     out = tmp_path / "demo"
-    assert main(["train", f"output.dir={out}", "train.eval_generations=0", "--no-progress"]) == 0
+    assert main(["train", f"output.dir={out}", "train.eval_generations=0", "data.max_examples=192",
+                 "--no-progress"]) == 0
     pairs = reference_pairs(load_examples(str(out / "data" / "demo_eval.jsonl")))[:8]
     want = reference(out, Path(), [p for p, _ in pairs], 16)
     handle = serve({"dates": out}, port=0, background=True, say=lambda text: None)
     try:
-        async def ask_all() -> list[str]:
+        async def ask_all(model: str) -> list[str]:
             api = openai.AsyncOpenAI(base_url=handle.url + "/v1", api_key="-", max_retries=0)
             replies = await asyncio.gather(*(api.chat.completions.create(
-                model="dates", messages=p, max_tokens=16, temperature=0) for p, _ in pairs))
+                model=model, messages=p, max_tokens=16, temperature=0) for p, _ in pairs))
             return [r.choices[0].message.content.strip() for r in replies]
 
-        got = asyncio.run(ask_all())
+        got, base = asyncio.run(ask_all("dates")), asyncio.run(ask_all(handle.bank.base_name))
     finally:
         handle.stop(timeout=5)
     assert got == want
-    assert sum(g == ref for g, (_, ref) in zip(got, pairs, strict=True)) >= 6, list(zip(got, pairs, strict=True))
+
+    def right(replies: list[str]) -> int:
+        return sum(g == ref for g, (_, ref) in zip(replies, pairs, strict=True))
+
+    assert right(got) >= 4 and right(base) == 0, (got, base)  # the short demo gets 5 of 8 here, the base none
+
 
 
 def test_int8_matmul_splits_outlier_channels_off_like_llm_int8() -> None:
