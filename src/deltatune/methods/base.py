@@ -1,6 +1,6 @@
 """The Method contract and the helpers every method shares: target discovery and freezing.
 
-A method is a pydantic config plus three verbs (see DESIGN.md):
+A method is a pydantic config plus three verbs (see docs/architecture.md):
 
 - ``attach(model)``: freeze the base, insert or unfreeze what the method trains; outputs stay equal to
   the base model's (identity initialisation) unless the method changes the input by design.
