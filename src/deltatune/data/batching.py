@@ -10,7 +10,8 @@ apart with a block-diagonal causal mask, restarting position_ids at 0 for each e
 
 In transformers 5.24 position_ids alone do not isolate packed sequences (measured on SmolLM2: the second
 sequence of a row differs from itself run alone by up to 22.9 in the logits), and a 4D *boolean* mask is
-handed to the attention as-is: sdpa reads it as "True = attend", but eager attention *adds* the mask to the scores (True becomes +1, nothing is masked). So the packed mask is additive by default:
+handed to the attention as-is: sdpa reads it as "True = attend", but eager attention *adds* the mask to the
+scores (True becomes +1, nothing is masked). So the packed mask is additive by default:
 0.0 where attention is allowed and the dtype's most negative value elsewhere, which both sdpa and eager
 read correctly (packed logits == each example alone, tested). A float32 mask serves float32 and bf16
 models alike (torch's sdpa takes a bool, float32 or query-dtype mask; checked on CPU and an H200);
