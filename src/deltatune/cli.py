@@ -223,6 +223,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from deltatune.serving import delta_names, serve
 
     api_key = args.api_key or os.environ.get("DELTATUNE_API_KEY") or None  # never printed
+    delta_root = _delta_root(args)
+    if args.engine == "vllm" and delta_root is not None:
+        raise DeltatuneError("serve --engine vllm: --allow-delta-updates is for deltatune's engine; vLLM's own is "
+                             "the environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")
     if args.engine == "vllm":
         from deltatune.serving.vllm import run_vllm, vllm_command
 
@@ -231,7 +235,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return run_vllm(command, api_key)
     serve(delta_names(args.deltas), base=args.base, host=args.host, port=args.port, api_key=api_key,
           max_batch=args.max_batch, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
-          quantize=args.quantize, delta_root=_delta_root(args))
+          quantize=args.quantize, delta_root=delta_root)
     return 0
 
 

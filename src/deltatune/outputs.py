@@ -109,7 +109,7 @@ def remove_temporaries(folder: Path, owned: Iterable[str]) -> list[str]:
     """Remove what a killed write left in ``folder``: ``.NAME.*`` temporaries of the ``owned`` names. Call it
     only while holding the folder's lock. Returns the names removed."""
     removed = []
-    own = set(owned)
+    own = {*owned, MARKER}  # a marker write cut short too
     if not folder.is_dir():
         return removed
     for path in folder.iterdir():

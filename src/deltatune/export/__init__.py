@@ -77,8 +77,8 @@ def export_gguf(delta: str | Path | None, out: str | Path, *, base: str | None =
     elif adapter_only:
         from deltatune.export.adapter import write_lora_adapter
 
-        kinds, config, tokenizer, system = write_lora_adapter(Path(delta), target, qtype, base=base)
-        return _finish(target, qtype, kinds, started, side, tokenizer, system, config=config, say=say)
+        kinds, tokenizer, system = write_lora_adapter(Path(delta), target, qtype, base=base)
+        return _finish(target, qtype, kinds, started, side, tokenizer, system, adapter=True, say=say)
     else:
         model, tokenizer, name, system = _load_merged(Path(delta), base)
     spec = arch_spec(model)
@@ -108,7 +108,7 @@ def export_gguf(delta: str | Path | None, out: str | Path, *, base: str | None =
 
 
 def _finish(target: GGUFTarget, qtype: QuantType, kinds: dict[str, int], started: float, side: Path | None,
-            tokenizer: Any, system: str | None, *, config: dict[str, Any] | None = None,
+            tokenizer: Any, system: str | None, *, adapter: bool = False,
             say: Callable[[str], None]) -> ExportResult:
     size = target.path.stat().st_size
     result = ExportResult(target.path, qtype.name, size, time.perf_counter() - started, sum(kinds.values()), kinds)
@@ -116,16 +116,16 @@ def _finish(target: GGUFTarget, qtype: QuantType, kinds: dict[str, int], started
         + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + f") in {result.seconds:.1f} s")
     if side is not None:
         fmt, default_system = chat_format(tokenizer)
-        if config is not None:  # an adapter: Ollama needs the base's GGUF too
+        if adapter:  # Ollama needs the base's GGUF too
             text = modelfile("./base.gguf", fmt, system=system or default_system, adapter=f"./{target.path.name}")
         else:
             text = modelfile(f"./{target.path.name}", fmt, system=system or default_system)
         GGUFTarget.write_modelfile(side, text)
         result.modelfile = side
         extra = (" (FROM ./base.gguf: export the base beside it with `deltatune export --base ... -o "
-                 f"{target.path.parent / 'base.gguf'}`)") if config is not None else ""
+                 f"{target.path.parent / 'base.gguf'}`)") if adapter else ""
         say(f"wrote {side} ({fmt.name} prompt format){extra}; `ollama create NAME -f {side}`")
-    if qtype.name in ("f32", "f16", "bf16") and config is None:
+    if qtype.name in ("f32", "f16", "bf16") and not adapter:
         stem = target.path.with_suffix("")
         say(f"for a K-quant: llama-quantize {target.path} {stem}-Q4_K_M.gguf Q4_K_M (llama.cpp's tool)")
     return result

@@ -26,9 +26,9 @@ PEFT_PREFIX = "base_model.model."
 
 
 def write_lora_adapter(folder: Path, target: GGUFTarget, qtype: QuantType, *, base: str | None
-                       ) -> tuple[dict[str, int], dict[str, Any], Any, str | None]:
+                       ) -> tuple[dict[str, int], Any, str | None]:
     """Write the LoRA delta in ``folder`` as an adapter GGUF at ``target``; return (tensor counts by GGML
-    type, the adapter's settings, the base's tokenizer, the run's system prompt). Raises DeltatuneError for a
+    type, the base's tokenizer, the run's system prompt). Raises DeltatuneError for a
     delta that is not plain LoRA on a causal LM of a supported architecture."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -69,8 +69,7 @@ def write_lora_adapter(folder: Path, target: GGUFTarget, qtype: QuantType, *, ba
 
     write_gguf(target, spec.name, fill)
     tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs(source))
-    settings = {"r": method.r, "alpha": alpha, "scale": scale, "base": source, "arch": spec.name}
-    return kinds, settings, tokenizer, run_system_prompt(folder)
+    return kinds, tokenizer, run_system_prompt(folder)
 
 
 def _lora_pairs(tensors: dict[str, Any], folder: Path) -> dict[str, tuple[Any, Any]]:

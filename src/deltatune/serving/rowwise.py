@@ -87,7 +87,7 @@ class RowDeltaLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
         plan = current_plan()
-        if plan is None or not plan.groups:
+        if plan is None or not plan.groups or self.empty:
             return self.base(x)
         if self.scale_in:
             x_in = x.clone()
