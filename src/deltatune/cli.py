@@ -16,6 +16,7 @@ one or two lines and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -582,7 +583,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except DeltatuneError as err:
         print(f"deltatune: {err}", file=sys.stderr)
-        return getattr(err, "exit_code", 2)  # Interrupted: 130 (Ctrl-C) or 143 (SIGTERM)
+        code = getattr(err, "exit_code", 2)  # Interrupted: 130 (Ctrl-C) or 143 (SIGTERM)
+        if getattr(err, "exit_at_once", False):
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(code)
+        return code
     except KeyboardInterrupt as stop:
         from deltatune.training.loop import Terminated
 

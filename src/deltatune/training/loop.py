@@ -107,7 +107,13 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 class RankFailure(DeltatuneError):
-    """Under torchrun, a collective failed: another rank died or did not answer within train.dist_timeout."""
+    """Under torchrun, a collective failed: another rank died or did not answer within train.dist_timeout.
+
+    ``exit_at_once`` tells the CLI to leave with ``os._exit`` after printing: a broken gloo group keeps
+    native threads whose destructors can call ``std::terminate`` at interpreter exit (SIGABRT instead of 2).
+    """
+
+    exit_at_once = True
 
 
 @dataclass
