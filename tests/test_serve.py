@@ -22,24 +22,29 @@ from tests.test_train import train_args, write_chat_data
 
 openai = pytest.importorskip("openai")
 
-METHODS = {
+METHODS = {  # served per row: lora .. prefix; each on its own view of the base: adapter, full
     "lora": ("method.r=4", "train.lr=2e-2"),
+    "dora": ("method.r=4", "method.use_dora=true", "train.lr=2e-2"),
     "ia3": ("method.name=ia3", "train.lr=5e-2"),
     "bitfit": ("method.name=bitfit", "train.lr=2e-2"),
     "prompt": ("method.name=prompt_tuning", "method.num_virtual_tokens=4", "train.lr=5e-2"),
+    "ptuning": ("method.name=p_tuning", "method.num_virtual_tokens=4", "train.lr=5e-2"),
+    "prefix": ("method.name=prefix_tuning", "method.num_virtual_tokens=4", "train.lr=5e-2"),
+    "adapter": ("method.name=adapter", "train.lr=2e-2"),
+    "full": ("method.name=full", "train.lr=1e-3"),
 }
 PROMPTS = ["What colour is apple number 3?", "What colour is sky number 8?", "Name a colour", "Say hi"]
 
 
 @pytest.fixture(scope="module")
 def deltas(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One trained delta per row-wise method on the tiny Llama (a few steps at high rates, so each differs)."""
+    """One trained delta per method family on the tiny Llama (a few steps at high rates, so each differs)."""
     root = tmp_path_factory.mktemp("serve")
     data = write_chat_data(root / "d.jsonl", n=16)
     out = {}
     for name, extra in METHODS.items():
         args = [a for a in train_args(tiny_llama_dir, data, root / name, "train.max_steps=4", "data.eval=null",
-                                      *extra) if not (name != "lora" and a == "method.r=4")]
+                                      *extra) if not (name not in ("lora", "dora") and a == "method.r=4")]
         from deltatune.cli import main
 
         assert main(args) == 0
@@ -71,7 +76,8 @@ def test_a_mixed_batch_of_deltas_gives_each_deltas_own_greedy_reply(deltas: dict
                             add_special_tokens=False)["input_ids"]
             served = bank.deltas.get(name)
             engine.submit(Request(ids, served.slot if served else 0, SamplingParams(max_tokens=6, temperature=0),
-                                  emit=events.append, prefix=served.prefix if served else None))
+                                  emit=events.append, prefix=served.prefix if served else None,
+                                  group=served.group if served else 0))
             jobs[name, prompt] = events
     engine.start()
     deadline = time.monotonic() + 60
@@ -85,6 +91,39 @@ def test_a_mixed_batch_of_deltas_gives_each_deltas_own_greedy_reply(deltas: dict
         assert got == want, name
         replies[name] = tuple(got)
     assert len(set(replies.values())) == len(replies)  # every delta answers differently: each row used its own
+
+
+def test_a_delta_on_its_own_view_waits_for_the_running_batch_and_then_gets_its_turn(
+        deltas: dict[str, Path], tiny_llama_dir: Path) -> None:
+    engine = build_engine({n: deltas[n] for n in ("lora", "adapter", "full")}, base=str(tiny_llama_dir),
+                          device="cpu", max_batch=8)
+    bank = engine.bank
+    assert bank.deltas["lora"].group == 0 and bank.deltas["adapter"].group != bank.deltas["full"].group != 0
+
+    def submit(name: str) -> Request:
+        served = bank.deltas[name]
+        request = Request([1, 2, 3], served.slot, SamplingParams(), emit=lambda e: None, group=served.group)
+        engine.submit(request)
+        return request
+
+    first = [submit("lora"), submit("lora")]
+    adapter, full = submit("adapter"), submit("full")
+    later = submit("lora")
+    with engine._cv:
+        assert engine._admit() == [*first, later]  # the oldest request's group takes every free place
+    engine._rows = [*first, later]  # as if running
+    submit("lora")
+    with engine._cv:
+        assert engine._admit() == []  # other groups wait: no more of this one until its batch drains
+    engine._rows = []
+    with engine._cv:
+        assert engine._admit() == [adapter]  # then the group waiting longest, alone in its batch
+    engine._rows = [adapter]
+    with engine._cv:
+        assert engine._admit() == []
+    engine._rows = []
+    with engine._cv:
+        assert engine._admit() == [full]
 
 
 @pytest.fixture(scope="module")
@@ -196,14 +235,8 @@ def test_api_key_and_a_full_queue(deltas: dict[str, Path], tiny_llama_dir: Path)
 
 def test_deltas_it_cannot_serve_are_refused_at_start(deltas: dict[str, Path], tiny_llama_dir: Path,
                                                      tmp_path: Path) -> None:
-    from deltatune.cli import main
-
-    data = write_chat_data(tmp_path / "d.jsonl", n=8)
-    dora = tmp_path / "dora"
-    assert main(train_args(tiny_llama_dir, data, dora, "train.max_steps=1", "method.use_dora=true",
-                           "data.eval=null")) == 0
-    with pytest.raises(DeltatuneError, match="DoRA delta; the server applies lora, ia3, bitfit, prompt_tuning"):
-        build_engine({"d": dora}, device="cpu")
+    with pytest.raises(DeltatuneError, match="runs on a float base; --quantize int8 serves lora, ia3"):
+        build_engine({"a": deltas["adapter"]}, device="cpu", quantize="int8")
     other = tmp_path / "other-base"
     shutil.copytree(tiny_llama_dir, other)
     with pytest.raises(DeltatuneError, match=r"was trained on .* not on the served base"):
@@ -341,9 +374,10 @@ def test_int8_weights_keep_each_deltas_logits_close(deltas: dict[str, Path], tin
 
     ids = torch.tensor([[1, 33, 900, 4093, 2, 216, 4000, 17]])
     logits = {}
+    weighted = {n: deltas[n] for n in ("lora", "ia3", "bitfit", "dora")}  # the deltas that act on weights
     for quantize in (None, "int8"):
-        engine = build_engine(deltas, base=str(tiny_llama_dir), device="cpu", quantize=quantize)
-        names = ["base", *deltas]
+        engine = build_engine(weighted, base=str(tiny_llama_dir), device="cpu", quantize=quantize)
+        names = ["base", *weighted]
         slots = torch.tensor([engine.bank.slot(n) if n != "base" else 0 for n in names])
         with torch.no_grad(), row_plan(slots):
             out = engine.model(input_ids=ids.expand(len(names), -1)).logits  # prompt tuning's prefix aside
@@ -351,9 +385,8 @@ def test_int8_weights_keep_each_deltas_logits_close(deltas: dict[str, Path], tin
     fp32, int8 = logits[None], logits["int8"]
     cosine = torch.nn.functional.cosine_similarity(int8.flatten(1), fp32.flatten(1))
     assert (cosine > 0.99).all(), cosine  # int8 rounding, per row
-    # LoRA, IA3 and BitFit still change the output as in float32 (prompt tuning acts through its cached prefix,
-    # which this direct forward leaves out)
-    effect, kept = (fp32[1:4] - fp32[0]).norm(dim=(1, 2)), (int8[1:4] - int8[0]).norm(dim=(1, 2))
+    # LoRA, IA3, BitFit and DoRA still change the output as in float32
+    effect, kept = (fp32[1:] - fp32[0]).norm(dim=(1, 2)), (int8[1:] - int8[0]).norm(dim=(1, 2))
     assert ((kept - effect).abs() < 0.2 * effect).all(), (kept, effect)
     assert isinstance(engine.model.lm_head, Int8Linear)
     assert isinstance(engine.model.model.layers[0].mlp.down_proj.base, Int8Linear)

@@ -212,7 +212,8 @@ def build_app(engine: Engine, *, api_key: str | None = None, default_max_tokens:
 
     async def _run(body: _Sampling, ids: list[int], *, chat: bool) -> Any:
         slot = _slot(bank, body.model)
-        prefix = next((d.prefix for d in list(bank.deltas.values()) if d.slot == slot), None)
+        served = bank.by_slot(slot)
+        prefix = served.prefix if served is not None else None
         virtual = prefix[0][0].shape[2] if prefix else 0
         params = body.params(default_max_tokens)
         if not ids:
@@ -223,6 +224,7 @@ def build_app(engine: Engine, *, api_key: str | None = None, default_max_tokens:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         job = EngineRequest(prompt_ids=ids, slot=slot, params=params, prefix=prefix,
+                            group=served.group if served is not None else 0,
                             emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         try:
             engine.submit(job)

@@ -1,21 +1,29 @@
 """One base model, many deltas: each delta gets a slot, its tensors go into the served layers of that slot.
 
     bank = DeltaBank(load_model(ModelConfig(name="default")))
-    bank.add("dates", "runs/demo")         # refuses a delta trained on another base, or of a method it cannot serve
+    bank.add("dates", "runs/demo")         # refuses a delta trained on another base
     slot = bank.slot("dates")              # the row plan's number for it (0: the base alone)
 
-The methods served per row (several deltas in one batch, see ``rowwise``): LoRA (and rsLoRA), IA3, BitFit and
-prompt tuning. Prompt tuning changes only the input: its virtual tokens' keys and values do not depend on the
-request (they attend only to each other), so they are computed once when the delta is added and put in front
-of each request's cache, which is what ``deltatune generate`` computes for it. The base's weights exist once,
-whatever the number of deltas; each delta adds only its own tensors.
+The methods served per row (several deltas in one batch, see ``rowwise``): LoRA (rsLoRA, DoRA), IA3, BitFit,
+and the prompt methods (prompt tuning, p-tuning, prefix tuning). The prompt methods change only what the
+request attends to: their virtual tokens' keys and values do not depend on the request (they attend only to
+each other), so they are computed once when the delta is added and put in front of each request's cache, which
+is what ``deltatune generate`` computes for it. DoRA's magnitude rescaling ``m / ||W + s B A||`` is one vector
+per layer, computed once.
+
+Every other method (bottleneck adapters, HiWi, full fine-tuning, the selective and sparse methods, compositions)
+is served on its own *view* of the base: a second set of module objects over the same weight tensors, with the
+method attached as in training. Only the tensors the delta changes are copied, so a view costs the delta's size,
+not a base. The engine runs a view's requests in batches of their own (``engine``, groups).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,10 +31,13 @@ from transformers import DynamicCache
 
 from deltatune.delta import read_delta_info, read_delta_tensors, run_system_prompt
 from deltatune.errors import DeltatuneError
+from deltatune.methods import build_method
+from deltatune.methods.prompts_inject import kv_layout
 from deltatune.models import LoadedModel, resolve_source
 from deltatune.serving.rowwise import RowDeltaLinear, int8_linear
 
-ROW_METHODS = ("lora", "ia3", "bitfit", "prompt_tuning")
+ROW_METHODS = ("lora", "ia3", "bitfit", "prompt_tuning", "p_tuning", "prefix_tuning")
+PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
 PEFT_PREFIX = "base_model.model."
 
 
@@ -39,9 +50,15 @@ class ServedDelta:
     method: str
     slot: int
     nbytes: int
-    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (1, H_kv, N, d), prompt tuning
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (1, H_kv, N, d): prompt methods
     system_prompt: str | None = None
     modules: list[str] = field(default_factory=list)
+    view: nn.Module | None = None  # methods not served per row: the base's modules with the method attached
+
+    @property
+    def group(self) -> int:
+        """The engine's batch group of this delta's requests: 0 (per row, with the base) or its own slot."""
+        return self.slot if self.view is not None else 0
 
 
 class DeltaBank:
@@ -54,6 +71,7 @@ class DeltaBank:
         self.quantize = quantize
         self.deltas: dict[str, ServedDelta] = {}
         self._next_slot = 1
+        self.model.requires_grad_(False)
         # every linear layer of the decoder becomes a served layer now, so int8 storage happens once and deltas
         # loaded later find their layers in place
         layers = [name for name, module in self.model.named_modules() if isinstance(module, nn.Linear)]
@@ -93,24 +111,34 @@ class DeltaBank:
             raise DeltatuneError(f"serve: {path} was trained on {info.base_model}, not on the served base "
                                  f"{self.loaded.source}; serve it with --base {info.base_model}")
         method = info.method_config
-        if method.name not in ROW_METHODS or getattr(method, "use_dora", False):
-            kind = "DoRA" if method.name == "lora" else method.name
-            raise DeltatuneError(f"serve: {path} is a {kind} delta; the server applies {', '.join(ROW_METHODS)} "
-                                 "deltas per request. Merge it (`deltatune merge`) and serve the merged model as "
-                                 "--base")
         tensors = read_delta_tensors(path)
         served = ServedDelta(name, path, method.name, self._next_slot, sum(t.numel() * 4 for t in tensors.values()),
                              system_prompt=run_system_prompt(path))
-        if method.name == "prompt_tuning":
-            served.prefix = self._prompt_prefix(tensors["prompt_embeddings"])
-        else:
+        if method.name in PROMPT_METHODS:
+            served.prefix = self._prompt_prefix(method.name, tensors["prompt_embeddings"])
+        elif method.name in ROW_METHODS:
             self._load_layers(served, method, tensors)
+        else:
+            served.view = self._view(served, method, tensors)
         self._next_slot += 1
         self.deltas[name] = served
         return served
 
-    def _load_layers(self, served: ServedDelta, method: object, tensors: dict[str, torch.Tensor]) -> None:
-        """Put a LoRA, IA3 or BitFit delta's tensors into the served layers of its slot."""
+    def by_slot(self, slot: int) -> ServedDelta | None:
+        """Return the delta served in ``slot`` (None for the base)."""
+        return next((d for d in list(self.deltas.values()) if d.slot == slot), None)
+
+    def model_of(self, group: int) -> nn.Module:
+        """Return the model that runs the requests of batch ``group`` (0: the base with its per-row deltas)."""
+        if group == 0:
+            return self.model
+        served = self.by_slot(group)
+        if served is None or served.view is None:
+            raise DeltatuneError(f"serve: no delta is served in group {group}")
+        return served.view
+
+    def _load_layers(self, served: ServedDelta, method: Any, tensors: dict[str, torch.Tensor]) -> None:
+        """Put a LoRA (DoRA), IA3 or BitFit delta's tensors into the served layers of its slot."""
         dtype = next(self.model.parameters()).dtype
         by_module: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
@@ -123,8 +151,12 @@ class DeltaBank:
             base_bias = layer.base_bias
             if served.method == "lora":
                 r = parts["lora_A"].shape[0]
-                scale = method.alpha / (math.sqrt(r) if method.use_rslora else r)  # type: ignore[attr-defined]
+                scale = method.alpha / (math.sqrt(r) if method.use_rslora else r)
                 layer.lora[served.slot] = (parts["lora_A"], parts["lora_B"], scale)
+                if "lora_magnitude_vector" in parts:  # DoRA: rows rescaled by m / ||W + s B A||
+                    update = (parts["lora_B"].float() @ parts["lora_A"].float()) * scale
+                    norm = torch.linalg.norm(layer.dense_weight() + update, dim=1)
+                    layer.dora[served.slot] = (parts["lora_magnitude_vector"].float() / norm).to(dtype)
             elif served.method == "ia3":
                 vector = parts["ia3_l"]
                 if vector.shape[0] == 1:  # (1, in): scales the input (feed-forward)
@@ -154,15 +186,53 @@ class DeltaBank:
         setattr(parent, child, RowDeltaLinear(getattr(parent, child)))
 
     @torch.no_grad()
-    def _prompt_prefix(self, embeddings: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The keys and values of prompt tuning's virtual tokens (positions 0..N-1, attending to each other)."""
+    def _prompt_prefix(self, method: str, saved: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The per-layer keys and values (1, H_kv, N, d) of a prompt method's N virtual tokens at positions
+        0..N-1: prefix tuning saved them (peft's layout (N, 2 * layers * H_kv * d)); prompt tuning and p-tuning
+        saved their embeddings (N, D), which go through the base once."""
         dtype = next(self.model.parameters()).dtype
         device = self.loaded.device
-        n = embeddings.shape[0]
+        n = saved.shape[0]
+        if method == "prefix_tuning":
+            layers, heads, head_dim = kv_layout(self.model.config)
+            kv = saved.to(device, dtype).view(n, 2 * layers, heads, head_dim).permute(1, 2, 0, 3)
+            return [(kv[2 * i][None].contiguous(), kv[2 * i + 1][None].contiguous()) for i in range(layers)]
         cache = DynamicCache()
-        self.model(inputs_embeds=embeddings.to(device, dtype)[None], use_cache=True, cache=cache,
+        self.model(inputs_embeds=saved.to(device, dtype)[None], use_cache=True, cache=cache,
                    position_ids=torch.arange(n, device=device)[None])
         return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _view(self, served: ServedDelta, method_config: Any, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        """A view of the base for a method not served per row: new module objects over the same weight tensors
+        (the served layers unwrapped), the method attached and its tensors loaded. A base tensor the method
+        trains (full fine-tuning, BitFit-like selections) gets its own copy first, so the base stays intact."""
+        if self.quantize is not None:
+            raise DeltatuneError(f"serve: {served.folder} is a {served.method} delta, which runs on a float base; "
+                                 f"--quantize int8 serves {', '.join(ROW_METHODS)} deltas (or merge it with "
+                                 "`deltatune merge` and serve the merged model as --base)")
+        memo: dict[int, Any] = {id(t): t for t in [*self.model.parameters(), *self.model.buffers()]}
+        for module in self.model.modules():
+            if isinstance(module, RowDeltaLinear):
+                memo[id(module)] = copy.deepcopy(module.base, memo)
+        view = copy.deepcopy(self.model, memo)
+        shared = {id(p) for p in self.model.parameters()}
+        method = build_method(method_config)
+        try:
+            method.attach(view)
+            copies: dict[int, nn.Parameter] = {}  # one copy per tensor, so tied weights stay tied
+            for module in view.modules():
+                for key, param in list(module.named_parameters(recurse=False)):
+                    if param.requires_grad and id(param) in shared:
+                        if id(param) not in copies:
+                            copies[id(param)] = nn.Parameter(param.detach().clone())  # trainable, as attached
+                        setattr(module, key, copies[id(param)])
+            method.load_delta_state_dict(view, tensors)
+        except DeltatuneError as err:
+            raise DeltatuneError(f"serve: {served.folder}: {err}") from None
+        finally:
+            self.model.requires_grad_(False)
+        view.requires_grad_(False)
+        return view.eval()
 
     def remove(self, name: str) -> None:
         """Unload delta ``name`` (its slot is not reused)."""

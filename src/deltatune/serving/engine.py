@@ -7,17 +7,18 @@
 One thread owns the model. Each turn of its loop it admits waiting requests (taking deltas in turns, so none
 waits behind another's queue), runs each new request's prompt alone (prefill, with its own delta and, for
 prompt tuning, its virtual tokens' cached keys and values in front), and then runs one decoding step for
-every running request at once: one forward over a (B, 1) batch whose rows each apply their own delta (see
-``rowwise``). The batch's attention cache is kept left-padded:
+every running request at once: one forward over an (n, 1) batch whose rows each apply their own delta (see
+``rowwise``), reading and writing the batch's attention cache in place (``kv.KVSlots``).
 
-    keys[l], values[l]   (B, H_kv, T, d)   row i's real positions are the last lengths[i] columns
-    mask                 (B, T)            1 where a row has a real position
-    positions            (B,)              the next position of each row (its own count, padding excluded)
+Deltas whose method cannot be applied per row (bottleneck adapters, full fine-tuning, ...) each run on their own
+view of the base (``bank``); the batch then holds one such delta's requests at a time. The running batch
+belongs to one *group* (0: the base and every per-row delta; else one view); while requests of another
+group wait, the running group admits no more, and when its batch has drained the group whose request has
+waited longest goes next, so no delta starves.
 
-A joining request is left-padded to the batch's width (or the batch to its); a finished or cancelled request
-is dropped and columns no row needs any more are cut. transformers' own continuous batching (paged attention,
-all requests flattened into one packed sequence) is not used: nothing in it tells a layer which request a token
-belongs to, which per-request deltas need, and it cannot put prompt tuning's virtual tokens in front.
+transformers' own continuous batching (paged attention, all requests flattened into one packed sequence) is not
+used: nothing in it tells a layer which request a token belongs to, which per-request deltas need, and it cannot
+put prompt tuning's virtual tokens in front.
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from deltatune.methods.prompts_inject import kv_layout
 from deltatune.serving.bank import DeltaBank
+from deltatune.serving.kv import KVSlots
 from deltatune.serving.rowwise import row_plan
+
+START_COLUMNS = 256  # the cache's columns per row when the batch is empty (it doubles as requests grow)
 
 
 class QueueFull(Exception):
@@ -73,6 +78,7 @@ class Request:
     params: SamplingParams
     emit: Callable[[Event], None]
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    group: int = 0  # 0: served per row with the base; else the slot of a delta served on its own view
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
     sent: str = ""
@@ -98,13 +104,14 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._last_slot = -1
         self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
-        # the running batch
+        # the running batch: its requests, their last tokens, their cache, and the group they belong to
         self._rows: list[Request] = []
-        self._keys: list[torch.Tensor] = []
-        self._values: list[torch.Tensor] = []
-        self._mask = torch.zeros(0, 0, dtype=torch.long)
-        self._positions = torch.zeros(0, dtype=torch.long)
         self._last = torch.zeros(0, dtype=torch.long)
+        layers, kv_heads, head_dim = kv_layout(self.model.config)
+        dtype = self.model.get_input_embeddings().weight.dtype
+        self.kv = KVSlots(layers, kv_heads, head_dim, max_batch, dtype, self.device, START_COLUMNS)
+        self._boolean_mask = getattr(self.model.config, "_attn_implementation", "eager") == "sdpa"
+        self._group: int | None = None
 
     # ---- outside the engine thread ---------------------------------------------------------------------
 
@@ -189,13 +196,23 @@ class Engine:
                 self._fail_all(f"{type(err).__name__}: {err}")
 
     def _admit(self) -> list[Request]:
-        """Take waiting requests for the free batch places, one delta at a time in turn (call with the lock)."""
+        """Take waiting requests of the running group for the free batch places, one delta at a time in turn
+        (call with the lock). Another group's waiting request closes admission until the batch has drained."""
         room = self.max_batch - len(self._rows)
         taken: list[Request] = []
-        while room > 0 and self._waiting:
-            slots = sorted({r.slot for r in self._waiting})
+        if not self._rows:
+            if not self._waiting:
+                return taken
+            self._group = self._waiting[0].group  # the request waiting longest: its group goes next
+        elif any(r.group != self._group and not r.cancelled.is_set() for r in self._waiting):
+            return taken  # another group waits: this batch drains first
+        while room > 0:
+            mine = [r for r in self._waiting if r.group == self._group]
+            if not mine:
+                break
+            slots = sorted({r.slot for r in mine})
             slot = next((s for s in slots if s > self._last_slot), slots[0])
-            request = next(r for r in self._waiting if r.slot == slot)
+            request = next(r for r in mine if r.slot == slot)
             self._waiting.remove(request)
             self._last_slot = slot
             if request.cancelled.is_set():
@@ -215,68 +232,41 @@ class Engine:
         cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in request.prefix]) \
             if request.prefix else DynamicCache()
         with row_plan(torch.tensor([request.slot])):
-            out = self.model(input_ids=ids, attention_mask=torch.ones(1, n + length, dtype=torch.long,
-                                                                      device=self.device),
-                             position_ids=torch.arange(n, n + length, device=self.device)[None],
-                             cache=cache, use_cache=True, logits_to_keep=1)
+            out = self.bank.model_of(request.group)(
+                input_ids=ids, attention_mask=torch.ones(1, n + length, dtype=torch.long, device=self.device),
+                position_ids=torch.arange(n, n + length, device=self.device)[None], cache=cache, use_cache=True,
+                logits_to_keep=1)
         token = self._sample(out.logits[:, -1], [request])[0]
         if self._advance(request, token, n + length + 1):
             return
-        keys = [layer.keys for layer in cache.layers]
-        values = [layer.values for layer in cache.layers]
-        self._join(request, keys, values, n + length, token)
-
-    def _join(self, request: Request, keys: list[torch.Tensor], values: list[torch.Tensor], length: int,
-              token: int) -> None:
-        """Add a prefilled request to the batch (left-padding it or the batch to a common width)."""
-        mask = torch.ones(1, length, dtype=torch.long)
-        if not self._rows:
-            self._keys, self._values, self._mask = keys, values, mask
-        else:
-            width = max(self._mask.shape[1], length)
-            self._keys = [torch.cat([_pad_left(a, width), _pad_left(b, width)]) for a, b in zip(self._keys, keys,
-                                                                                                  strict=True)]
-            self._values = [torch.cat([_pad_left(a, width), _pad_left(b, width)])
-                            for a, b in zip(self._values, values, strict=True)]
-            self._mask = torch.cat([_pad_left_2d(self._mask, width), _pad_left_2d(mask, width)])
+        self.kv.append([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
         self._rows.append(request)
-        self._positions = torch.cat([self._positions, torch.tensor([length])])
         self._last = torch.cat([self._last, torch.tensor([token])])
 
     @torch.no_grad()
     def _decode_step(self) -> None:
         slots = torch.tensor([r.slot for r in self._rows])
-        mask = torch.cat([self._mask, torch.ones(len(self._rows), 1, dtype=torch.long)], dim=1)
-        cache = DynamicCache(ddp_cache_data=list(zip(self._keys, self._values, strict=True)))
+        cache = self.kv.step_cache()
+        mask = self.kv.step_mask(self._boolean_mask)
+        model = self.bank.model_of(self._rows[0].group)
         with row_plan(slots):
-            out = self.model(input_ids=self._last[:, None].to(self.device), attention_mask=mask.to(self.device),
-                             position_ids=self._positions[:, None].to(self.device), cache=cache,
-                             use_cache=True)
-        self._keys = [layer.keys for layer in cache.layers]
-        self._values = [layer.values for layer in cache.layers]
-        self._mask = mask
-        self._positions = self._positions + 1
+            out = model(input_ids=self._last[:, None].to(self.device), attention_mask=mask,
+                        position_ids=self.kv.lengths[:, None].to(self.device), cache=cache, use_cache=True)
+        self.kv.advance()
         tokens = self._sample(out.logits[:, -1], self._rows)
-        keep = []
-        for i, (request, token) in enumerate(zip(self._rows, tokens, strict=True)):
-            if not self._advance(request, token, int(self._positions[i]) + 1):
-                keep.append(i)
+        done = [i for i, (request, token) in enumerate(zip(self._rows, tokens, strict=True))
+                if self._advance(request, token, int(self.kv.lengths[i]) + 1)]
         self._last = torch.tensor(tokens, dtype=torch.long)
-        if len(keep) < len(self._rows):
-            self._keep(keep)
+        if done:
+            self._drop(done)
 
-    def _keep(self, rows: list[int]) -> None:
-        """Drop the batch rows not in ``rows`` and the leading columns no remaining row uses."""
-        index = torch.tensor(rows, dtype=torch.long)
-        self._rows = [self._rows[i] for i in rows]
-        self._mask = self._mask[index]
-        used = self._mask.any(dim=0).nonzero()
-        start = int(used[0]) if len(used) else self._mask.shape[1]
-        self._mask = self._mask[:, start:]
-        self._keys = [k[index.to(k.device), :, start:] for k in self._keys]
-        self._values = [v[index.to(v.device), :, start:] for v in self._values]
-        self._positions = self._positions[index]
-        self._last = self._last[index]
+    def _drop(self, rows: list[int]) -> None:
+        """Take ``rows`` out of the running batch."""
+        order = self.kv.remove(rows)
+        self._rows = [self._rows[i] for i in order]
+        self._last = self._last[torch.tensor(order, dtype=torch.long)] if order else self._last[:0]
+        if not self._rows:
+            self.kv.shrink(START_COLUMNS)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         """Return the next token of each row: greedy at temperature 0, else top-p sampling (seeded per request)."""
@@ -326,9 +316,7 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         for request in self._rows:
             request.emit(Event("", "error", len(request.prompt_ids), len(request.generated), error=message))
-        self._rows = []
-        self._positions = torch.zeros(0, dtype=torch.long)
-        self._last = torch.zeros(0, dtype=torch.long)
+        self._drop(list(range(len(self._rows))))
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -340,17 +328,6 @@ def _held_back(text: str, stops: list[str]) -> int:
                 held = max(held, k)
                 break
     return held
-
-
-def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Left-pad a (B, H, T, d) cache tensor with zeros to T = ``width``."""
-    missing = width - t.shape[2]
-    return t if missing == 0 else torch.cat([t.new_zeros(t.shape[0], t.shape[1], missing, t.shape[3]), t], dim=2)
-
-
-def _pad_left_2d(mask: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - mask.shape[1]
-    return mask if missing == 0 else torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1)
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -7,6 +7,7 @@ A served linear layer keeps the base ``nn.Linear`` untouched and, per delta slot
 For the rows of slot ``s`` (``x_s``: their inputs, ``W x + b``: the base's output):
 
     LoRA (Hu et al. 2021):     y_s = W x_s + b + scale_s * B_s (A_s x_s)
+    DoRA (Liu et al. 2024):    y_s = g_s * (W x_s + scale_s * B_s (A_s x_s)) + b,   g_s = m_s / ||W + scale_s B_s A_s||
     IA3 on outputs (k, v):     y_s = l_s * (W x_s + b)
     IA3 on inputs (FFN down):  y_s = W (l_s * x_s) + b
     BitFit:                    y_s = W x_s + b + (b_s - b)
@@ -69,6 +70,7 @@ class RowDeltaLinear(nn.Module):
         self.scale_out: dict[int, torch.Tensor] = {}  # slot -> (out,)
         self.scale_in: dict[int, torch.Tensor] = {}  # slot -> (in,)
         self.bias_delta: dict[int, torch.Tensor] = {}  # slot -> (out,)
+        self.dora: dict[int, torch.Tensor] = {}  # slot -> (out,): DoRA's row scale g
 
     def use_int8(self) -> None:
         """Store the base weights in int8 (per output channel) and multiply with int8 kernels (see
@@ -77,8 +79,14 @@ class RowDeltaLinear(nn.Module):
 
     def remove(self, slot: int) -> None:
         """Forget what ``slot`` adds to this layer."""
-        for table in (self.lora, self.scale_out, self.scale_in, self.bias_delta):
+        for table in (self.lora, self.scale_out, self.scale_in, self.bias_delta, self.dora):
             table.pop(slot, None)
+
+    def dense_weight(self) -> torch.Tensor:
+        """Return the base weight (out, in) in float32 (de-quantized when stored in int8)."""
+        if isinstance(self.base, Int8Linear):
+            return self.base.weight_t.t().float() * self.base.scale[:, None]
+        return self.base.weight.detach().float()
 
     @property
     def empty(self) -> bool:
@@ -100,7 +108,12 @@ class RowDeltaLinear(nn.Module):
         for slot, rows in plan.groups.items():
             if slot in self.lora:
                 a, b, scale = self.lora[slot]
-                y[rows] += scale * (x[rows] @ a.T) @ b.T
+                update = scale * (x[rows] @ a.T) @ b.T
+                if slot in self.dora:
+                    wx = y[rows] if self.base_bias is None else y[rows] - self.base_bias
+                    y[rows] = self.dora[slot] * (wx + update) + (0 if self.base_bias is None else self.base_bias)
+                else:
+                    y[rows] += update
             if slot in self.bias_delta:
                 y[rows] += self.bias_delta[slot]
             if slot in self.scale_out:
