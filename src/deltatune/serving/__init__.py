@@ -141,8 +141,10 @@ def _summary(engine: Any, host: str, port: int) -> str:
              f"  {bank.base_name} (the base)"]
     lines += [f"  {d.name}: {d.method} delta from {d.folder} ({d.nbytes / 1e6:.1f} MB)" for d in bank.deltas.values()]
     weights = "int8 (LLM.int8-style)" if bank.quantize == "int8" else str(next(bank.model.parameters()).dtype)
-    lines.append(f"memory: {rss:.0f} MB resident; base linear layers {weights}; continuous batching up to "
-                 f"{engine.max_batch} requests")
+    held = engine.memory_mb()
+    lines.append(f"memory: {rss:.0f} MB resident; tensors: base {held['base']:.0f} MB ({weights} linear layers), "
+                 f"deltas {held['deltas']:.1f} MB, attention cache {held['kv_cache']:.0f} MB (grows with the "
+                 f"requests); continuous batching up to {engine.max_batch} requests")
     return "\n".join(lines)
 
 

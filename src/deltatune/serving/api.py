@@ -155,7 +155,7 @@ def build_app(engine: Engine, *, api_key: str | None = None, default_max_tokens:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "deltas": len(bank.deltas), "busy": engine.busy()}
+        return {"status": "ok", "deltas": len(bank.deltas), "busy": engine.busy(), "memory_mb": engine.memory_mb()}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

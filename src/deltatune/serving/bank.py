@@ -128,6 +128,42 @@ class DeltaBank:
         """Return the delta served in ``slot`` (None for the base)."""
         return next((d for d in list(self.deltas.values()) if d.slot == slot), None)
 
+    def memory(self) -> dict[str, int]:
+        """Return the bytes the tensors take: ``base`` (the base model's weights, each storage counted once) and
+        per delta name what it adds (its per-row tensors, cached prefix, or a view's own tensors)."""
+        seen: set[int] = set()
+
+        def size(tensors: Any) -> int:
+            total = 0
+            for t in tensors:
+                key = t.untyped_storage().data_ptr()
+                if key not in seen:
+                    seen.add(key)
+                    total += t.untyped_storage().nbytes()
+            return total
+
+        out = {"base": size([*self.model.parameters(), *self.model.buffers(), *self._int8_tensors()])}
+        for served in self.deltas.values():
+            tensors: list[torch.Tensor] = []
+            for module in served.modules:
+                layer = self.model.get_submodule(module)
+                for table in (layer.lora, layer.scale_out, layer.scale_in, layer.bias_delta, layer.dora):
+                    entry = table.get(served.slot)
+                    tensors += [t for t in (entry if isinstance(entry, tuple) else (entry,))
+                                if isinstance(t, torch.Tensor)]
+            for k, v in served.prefix or []:
+                tensors += [k, v]
+            if served.view is not None:
+                tensors += [*served.view.parameters(), *served.view.buffers()]
+            out[served.name] = size(tensors)
+        return out
+
+    def _int8_tensors(self) -> list[torch.Tensor]:
+        from deltatune.serving.rowwise import Int8Linear
+
+        return [t for m in self.model.modules() if isinstance(m, Int8Linear)
+                for t in (m.weight, m.scale, m.bias) if t is not None]
+
     def model_of(self, group: int) -> nn.Module:
         """Return the model that runs the requests of batch ``group`` (0: the base with its per-row deltas)."""
         if group == 0:

@@ -39,8 +39,6 @@ from deltatune.serving.bank import DeltaBank
 from deltatune.serving.kv import KVSlots
 from deltatune.serving.rowwise import row_plan
 
-START_COLUMNS = 256  # the cache's columns per row when the batch is empty (it doubles as requests grow)
-
 
 class QueueFull(Exception):
     """The waiting queue is full (the HTTP layer answers 429 with Retry-After)."""
@@ -109,7 +107,7 @@ class Engine:
         self._last = torch.zeros(0, dtype=torch.long)
         layers, kv_heads, head_dim = kv_layout(self.model.config)
         dtype = self.model.get_input_embeddings().weight.dtype
-        self.kv = KVSlots(layers, kv_heads, head_dim, max_batch, dtype, self.device, START_COLUMNS)
+        self.kv = KVSlots(layers, kv_heads, head_dim, max_batch, dtype, self.device)
         self._boolean_mask = getattr(self.model.config, "_attn_implementation", "eager") == "sdpa"
         self._group: int | None = None
 
@@ -162,6 +160,13 @@ class Engine:
             self._calls.append((fn, future))
             self._cv.notify()
         return future.result(timeout=timeout)
+
+    def memory_mb(self) -> dict[str, Any]:
+        """Return the MB the served tensors take: ``base``, ``deltas`` (together), ``per_delta``, ``kv_cache``."""
+        held = self.bank.memory()
+        base = held.pop("base")
+        return {"base": base / 2**20, "deltas": sum(held.values()) / 2**20,
+                "per_delta": {name: b / 2**20 for name, b in held.items()}, "kv_cache": self.kv.nbytes() / 2**20}
 
     def in_flight(self, slot: int) -> int:
         """Return how many requests of delta ``slot`` are running or waiting."""
@@ -266,7 +271,7 @@ class Engine:
         self._rows = [self._rows[i] for i in order]
         self._last = self._last[torch.tensor(order, dtype=torch.long)] if order else self._last[:0]
         if not self._rows:
-            self.kv.shrink(START_COLUMNS)
+            self.kv.shrink()  # an idle server holds no cache
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         """Return the next token of each row: greedy at temperature 0, else top-p sampling (seeded per request)."""

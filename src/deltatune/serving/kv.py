@@ -21,7 +21,7 @@ class KVSlots:
     """Keys and values of up to ``rows`` running requests, grown by doubling the columns when one gets longer."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, rows: int, dtype: torch.dtype,
-                 device: torch.device | str, columns: int = 256) -> None:
+                 device: torch.device | str, columns: int = 0) -> None:
         self.shape = (rows, kv_heads, columns, head_dim)
         self.dtype, self.device = dtype, torch.device(device)
         self.keys = [torch.zeros(self.shape, dtype=dtype, device=self.device) for _ in range(layers)]
@@ -46,7 +46,7 @@ class KVSlots:
         """Make room for ``columns`` positions in every row (doubling, the contents kept)."""
         if columns <= self.columns:
             return
-        grown = max(columns, 2 * self.columns)
+        grown = max(columns, 2 * self.columns, 64)
         rows, heads, old, dim = self.shape
         self.shape = (rows, heads, grown, dim)
         for table in (self.keys, self.values):
@@ -55,8 +55,8 @@ class KVSlots:
                 bigger[:, :, :old] = buffer
                 table[i] = bigger
 
-    def shrink(self, columns: int) -> None:
-        """Give back memory when the batch is empty: buffers of ``columns`` columns again."""
+    def shrink(self, columns: int = 0) -> None:
+        """Give back memory when the batch is empty: buffers of ``columns`` columns again (none by default)."""
         if self.rows == 0 and self.columns > columns:
             rows, heads, _, dim = self.shape
             self.shape = (rows, heads, columns, dim)
