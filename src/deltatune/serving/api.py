@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -221,11 +222,11 @@ def build_app(engine: Engine, *, api_key: str | None = None, default_max_tokens:
         if virtual + len(ids) + 1 > engine.context:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; this model's context is {engine.context}",
                            param="messages" if chat else "prompt", code="context_length_exceeded")
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
+        box = mailbox(asyncio.get_running_loop())
         job = EngineRequest(prompt_ids=ids, slot=slot, params=params, prefix=prefix,
                             group=served.group if served is not None else 0,
-                            emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+                            emit=lambda event: box.post(events, event))
         try:
             engine.submit(job)
         except QueueFull as err:
@@ -255,6 +256,60 @@ def build_app(engine: Engine, *, api_key: str | None = None, default_max_tokens:
                 "model": body.model, "choices": [choice], "usage": _usage(last)}
 
     return app
+
+
+class Mailbox:
+    """Hands the engine thread's events to the event loop, waking the loop once for all the events one decoding
+    step gives (not once per request: on a small CPU each wake-up takes time from the decoding threads)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue[Event], Event]] = []
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue[Event], event: Event) -> None:
+        """Queue ``event`` for ``queue`` (from any thread)."""
+        with self._lock:
+            self._pending.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending, self._scheduled = self._pending, [], False
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
+_MAILBOXES: dict[asyncio.AbstractEventLoop, Mailbox] = {}
+
+
+def mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
+    """Return the Mailbox of ``loop`` (one per event loop)."""
+    if loop not in _MAILBOXES:
+        _MAILBOXES.clear()  # a new loop (a restarted server): the old one's box is done
+        _MAILBOXES[loop] = Mailbox(loop)
+    return _MAILBOXES[loop]
+
+
+def _drain(queue: asyncio.Queue[Event]) -> list[Event]:
+    """Take every event already waiting in ``queue``."""
+    out = []
+    while not queue.empty():
+        out.append(queue.get_nowait())
+    return out
+
+
+def _merged(events: list[Event]) -> Event:
+    """One event carrying the text of ``events`` in order, and the last one's finish and counts."""
+    last = events[-1]
+    if len(events) == 1:
+        return last
+    return Event("".join(e.text for e in events), last.finish_reason, last.prompt_tokens, last.completion_tokens,
+                 last.error)
 
 
 def _updates_allowed(root: Path | None) -> Path:
@@ -325,7 +380,7 @@ async def _stream(events: asyncio.Queue[Event], job: EngineRequest, rid: str, mo
         if chat:
             yield chunk(None, None, first=True)
         while True:
-            event = await events.get()
+            event = _merged([await events.get(), *_drain(events)])  # a slow reader gets what piled up at once
             if event.finish_reason == "error":
                 body = {"error": {"message": f"generation failed: {event.error}", "type": "server_error",
                                   "param": None, "code": None}}

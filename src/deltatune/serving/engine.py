@@ -115,8 +115,12 @@ class Engine:
 
     def start(self) -> None:
         """Start the decoding thread."""
-        self._thread = threading.Thread(target=self._loop, name="deltatune-engine", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self.run, name="deltatune-engine", daemon=True).start()
+
+    def run(self) -> None:
+        """Run the decoding loop in the calling thread until :meth:`stop`."""
+        self._thread = threading.current_thread()
+        self._loop()
 
     def submit(self, request: Request) -> None:
         """Queue ``request``; raise QueueFull when ``max_queue`` requests already wait."""
