@@ -34,12 +34,19 @@ class RowPlan:
     """Which delta slot each row of the batch uses, with the rows of each slot computed once."""
 
     slots: torch.Tensor  # (B,) long
-    groups: dict[int, torch.Tensor] = field(default_factory=dict)  # slot -> row indices (slot 0 left out)
+    groups: dict[int, torch.Tensor | slice] = field(default_factory=dict)  # slot -> its rows (slot 0 left out)
 
     @classmethod
     def of(cls, slots: torch.Tensor) -> RowPlan:
-        """Return the plan for ``slots``."""
-        groups = {int(s): (slots == s).nonzero().flatten() for s in slots.unique().tolist() if s != 0}
+        """Return the plan for ``slots``. A slot whose rows are consecutive (always so for one request) gets a
+        slice: its rows are then views, with no gather and scatter in every layer."""
+        groups: dict[int, torch.Tensor | slice] = {}
+        for s in slots.unique().tolist():
+            if s == 0:
+                continue
+            rows = (slots == s).nonzero().flatten()
+            first, last = int(rows[0]), int(rows[-1])
+            groups[int(s)] = slice(first, last + 1) if last - first + 1 == len(rows) else rows
         return cls(slots, groups)
 
 
