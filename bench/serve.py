@@ -128,15 +128,17 @@ async def load(url: str, names: list[str], clients: int, per_client: int, max_to
     return {"clients": clients, "requests": len(asks), **figures(tokens, seconds, ttft, tpot)}
 
 
-def start(argv: list[str], url: str, timeout: float = 600) -> subprocess.Popen:
-    """Start a server process; return once ``url``/v1/models answers."""
+def start(argv: list[str], url: str, log: Path, timeout: float = 600) -> subprocess.Popen:
+    """Start a server process writing to ``log`` (a pipe nobody reads would stall a talkative server once
+    full); return once ``url``/v1/models answers."""
     import httpx
 
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"{' '.join(argv[:4])} ... exited: " + (proc.stdout.read() if proc.stdout else ""))
+            sys.exit(f"{' '.join(argv[:4])} ... exited: " + log.read_text()[-3000:])
         try:
             if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
                 return proc
@@ -171,7 +173,7 @@ def run_server(label: str, argv: list[str], port: int, names: list[str], clients
     import httpx
 
     url = f"http://127.0.0.1:{port}"
-    proc = start(argv, url)
+    proc = start(argv, url, OUT / f"{''.join(c if c.isalnum() else '-' for c in label)}.log")
     rows = []
     try:
         for c in clients:

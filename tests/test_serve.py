@@ -93,6 +93,90 @@ def test_a_mixed_batch_of_deltas_gives_each_deltas_own_greedy_reply(deltas: dict
     assert len(set(replies.values())) == len(replies)  # every delta answers differently: each row used its own
 
 
+def test_requests_joining_a_running_batch_mid_way_still_get_their_own_greedy_reply(deltas: dict[str, Path],
+                                                                                     tiny_llama_dir: Path) -> None:
+    chosen = {n: deltas[n] for n in ("lora", "prefix", "dora")}
+    engine = build_engine(chosen, base=str(tiny_llama_dir), device="cpu", max_batch=4)
+    tokenizer, bank = engine.tokenizer, engine.bank
+    engine.start()
+    jobs: dict[tuple[str, str], list[Event]] = {}
+    try:
+        for i, (name, prompt) in enumerate([(n, p) for p in PROMPTS[:2] for n in chosen]):
+            served = bank.deltas[name]
+            events: list[Event] = []
+            ids = tokenizer(render_prompt(tokenizer, [{"role": "user", "content": prompt}]),
+                            add_special_tokens=False)["input_ids"]
+            engine.submit(Request(ids, served.slot, SamplingParams(max_tokens=4 + 2 * i, temperature=0,
+                                                                   ignore_eos=True),
+                                  emit=events.append, prefix=served.prefix))
+            jobs[name, prompt] = events
+            deadline = time.monotonic() + 10
+            while not events and time.monotonic() < deadline:  # join once the batch is running
+                time.sleep(0.005)
+        deadline = time.monotonic() + 60
+        while any(not e or e[-1].finish_reason is None for e in jobs.values()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        engine.stop()
+    for (name, prompt), events in jobs.items():
+        reply = "".join(e.text for e in events)
+        want = reference(chosen[name], tiny_llama_dir, [prompt], events[-1].completion_tokens)[0]
+        assert reply.strip() == want, (name, prompt)
+
+
+def test_a_request_whose_prompt_fails_ends_alone_and_the_others_go_on(deltas: dict[str, Path],
+                                                                       tiny_llama_dir: Path) -> None:
+    engine = build_engine({"lora": deltas["lora"]}, base=str(tiny_llama_dir), device="cpu")
+    real, calls = engine.bank.model_of, {"n": 0}
+
+    def failing_once(group: int) -> torch.nn.Module:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("out of memory")
+        return real(group)
+
+    engine.bank.model_of = failing_once  # type: ignore[method-assign]
+    events: list[list[Event]] = [[], []]
+    for i in range(2):
+        engine.submit(Request([1, 2, 3], 1, SamplingParams(max_tokens=3, temperature=0), emit=events[i].append))
+    engine.start()
+    deadline = time.monotonic() + 30
+    while any(not e or e[-1].finish_reason is None for e in events) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.stop()
+    assert events[0][-1].finish_reason == "error" and "out of memory" in (events[0][-1].error or "")
+    assert events[1][-1].finish_reason == "length" and events[1][-1].completion_tokens == 3
+
+
+def test_the_batch_cache_keeps_each_rows_positions_through_joins_steps_and_leaves() -> None:
+    from deltatune.serving.kv import KVSlots
+
+    kv = KVSlots(layers=2, kv_heads=1, head_dim=2, rows=4, dtype=torch.float32, device="cpu")
+    assert kv.nbytes() == 0  # nothing held while idle
+    rows = {}
+    for name, length in (("a", 3), ("b", 70), ("c", 5)):  # b outgrows the first allocation
+        keys = [torch.full((1, 1, length, 2), float(ord(name) + layer)) for layer in range(2)]
+        kv.append(keys, [k + 100 for k in keys])
+        rows[name] = length
+    cache = kv.step_cache()
+    new = torch.arange(3, dtype=torch.float32)[:, None, None, None].expand(3, 1, 1, 2)
+    keys, values = cache.update(new, new + 100, 1)
+    assert keys.shape == (3, 1, 71, 2)
+    assert torch.equal(keys[0, 0, 3], torch.zeros(2)) and torch.equal(keys[1, 0, 70], torch.ones(2))
+    assert torch.equal(values[2, 0, 5], torch.full((2,), 102.0)) and torch.equal(values[2, 0, :5], keys[2, 0, :5] + 100)
+    mask = kv.step_mask(boolean=True)[:, 0, 0]
+    assert mask.sum(1).tolist() == [4, 71, 6]
+    kv.advance()
+    order = kv.remove([0])  # a leaves: c, the last row, takes its place
+    assert order == [2, 1] and kv.lengths.tolist() == [6, 71]
+    assert torch.equal(kv.keys[1][0, 0, :5], torch.full((5, 2), float(ord("c") + 1)))
+    assert torch.equal(kv.keys[1][0, 0, 5], torch.full((2,), 2.0))  # c's step-written position moved too
+    assert torch.equal(kv.values[0][1, 0, :70], torch.full((70, 2), float(ord("b") + 100)))
+    kv.remove([0, 1])
+    kv.shrink()
+    assert kv.rows == 0 and kv.nbytes() == 0
+
+
 def test_a_delta_on_its_own_view_waits_for_the_running_batch_and_then_gets_its_turn(
         deltas: dict[str, Path], tiny_llama_dir: Path) -> None:
     engine = build_engine({n: deltas[n] for n in ("lora", "adapter", "full")}, base=str(tiny_llama_dir),

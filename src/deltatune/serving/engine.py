@@ -196,12 +196,15 @@ class Engine:
                     self._run_calls()
                     return
                 admitted = self._admit()
-            try:
-                for request in admitted:
+            for request in admitted:
+                try:
                     self._prefill(request)
+                except Exception as err:  # a failing prompt ends its own request, never the server
+                    request.emit(Event("", "error", len(request.prompt_ids), 0, error=f"{type(err).__name__}: {err}"))
+            try:
                 if self._rows:
                     self._decode_step()
-            except Exception as err:  # a failing forward ends the requests in it, never the server
+            except Exception as err:  # a failing step ends the requests in it, never the server
                 self._fail_all(f"{type(err).__name__}: {err}")
 
     def _admit(self) -> list[Request]:
