@@ -322,9 +322,10 @@ def targets(rows: list[dict[str, Any]], quality: dict[str, float | None]) -> Non
     for r in rows:
         held = r.get("tensors_mb")
         if held and r["clients"] == 16:
-            print(f"  memory, {r['setup']}: tensors = base {held['base']:.0f} + deltas {held['deltas']:.1f} + "
-                  f"cache {held['kv_cache']:.0f} MB (no copy of the base per delta); process peak {r['peak_mb']:.0f}"
-                  " MB (Python, torch and the HTTP stack included)")
+            total = held["base"] + held["deltas"] + held["kv_cache_peak"]
+            print(f"  memory, {r['setup']}: tensors at most base {held['base']:.0f} + deltas {held['deltas']:.1f} + "
+                  f"attention cache {held['kv_cache_peak']:.0f} = {total:.0f} MB (no copy of the base per delta); "
+                  f"process peak {r['peak_mb']:.0f} MB (Python, torch and the HTTP stack included)")
 
 
 def main() -> None:

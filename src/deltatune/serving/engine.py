@@ -166,11 +166,13 @@ class Engine:
         return future.result(timeout=timeout)
 
     def memory_mb(self) -> dict[str, Any]:
-        """Return the MB the served tensors take: ``base``, ``deltas`` (together), ``per_delta``, ``kv_cache``."""
+        """Return the MB the served tensors take: ``base``, ``deltas`` (together), ``per_delta``, ``kv_cache`` (now)
+        and ``kv_cache_peak`` (the most it has taken)."""
         held = self.bank.memory()
         base = held.pop("base")
         return {"base": base / 2**20, "deltas": sum(held.values()) / 2**20,
-                "per_delta": {name: b / 2**20 for name, b in held.items()}, "kv_cache": self.kv.nbytes() / 2**20}
+                "per_delta": {name: b / 2**20 for name, b in held.items()}, "kv_cache": self.kv.nbytes() / 2**20,
+                "kv_cache_peak": self.kv.peak_nbytes / 2**20}
 
     def in_flight(self, slot: int) -> int:
         """Return how many requests of delta ``slot`` are running or waiting."""

@@ -27,6 +27,7 @@ class KVSlots:
         self.keys = [torch.zeros(self.shape, dtype=dtype, device=self.device) for _ in range(layers)]
         self.values = [torch.zeros(self.shape, dtype=dtype, device=self.device) for _ in range(layers)]
         self.lengths = torch.zeros(0, dtype=torch.long)  # per running row: positions held (= its next position)
+        self.peak_nbytes = 0  # the most the buffers have taken
 
     @property
     def rows(self) -> int:
@@ -54,6 +55,7 @@ class KVSlots:
                 bigger = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
                 bigger[:, :, :old] = buffer
                 table[i] = bigger
+        self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
 
     def shrink(self, columns: int = 0) -> None:
         """Give back memory when the batch is empty: buffers of ``columns`` columns again (none by default)."""
