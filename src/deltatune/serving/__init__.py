@@ -86,7 +86,9 @@ def serve(deltas: dict[str, str | Path], *, base: str | None = None, host: str =
 
     With ``background`` the server runs in a thread and the returned Server's ``stop()`` ends it; otherwise this
     call blocks until the server is stopped (Ctrl-C or SIGTERM: requests in flight finish first) and returns it.
-    With ``delta_root`` deltas under that folder can be added and removed while the server runs.
+    With ``delta_root`` deltas under that folder can be added and removed while the server runs. The base is
+    loaded, and every forward runs, in the engine's own thread (see ``_engine_in_own_thread``); a process that
+    ran parallel torch work in another thread first (a notebook, a test) is served correctly but slower.
     """
     import uvicorn
 
