@@ -48,19 +48,14 @@ def _worker(rank: int, world: int, port: int, argv: list[str], log: str, die: tu
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     torch.set_num_threads(1)
-    if die is not None:
-        import deltatune.training.loop as loop
+    from deltatune.training.callbacks import Callback
 
-        real, calls = loop._step, {"n": 0}
-
-        def dying(*a: object, **k: object) -> object:
-            calls["n"] += 1
-            if calls["n"] == die[0]:
+    class Dying(Callback):  # signals itself before its die[0]-th step, i.e. after step die[0] - 1
+        def on_step_end(self, run: object, metrics: dict) -> None:
+            if die is not None and metrics["step"] == die[0] - 1:
                 os.kill(os.getpid(), die[1])
-            return real(*a, **k)
 
-        loop._step = dying
-    sys.exit(main(argv))
+    sys.exit(main(argv, callbacks=[Dying()]))
 
 
 def spawn(argv: list[str], logs: Path, world: int = 2, die: dict[int, tuple[int, int]] | None = None,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import deltatune.training.loop as loop
 from deltatune.cli import main
+from deltatune.training.callbacks import Callback
 
 COLORS = {"apple": "red", "lime": "green", "sky": "blue", "banana": "yellow", "coal": "black", "snow": "white"}
 
@@ -66,26 +66,27 @@ def test_the_python_api_trains_twice_in_one_process(tiny_llama_dir: Path, tmp_pa
         assert result.steps == 2 and (tmp_path / run / "adapter_model.safetensors").is_file()
 
 
-def test_train_seconds_leave_out_evaluations_and_checkpoints(tiny_llama_dir: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_seconds_leave_out_evaluations_and_checkpoints(tiny_llama_dir: Path, tmp_path: Path) -> None:
     import time
 
     import deltatune as dt
 
-    real = loop.eval_loss
+    class SlowEvaluations(dt.Callback):  # every evaluation takes 2 s more; counted, not guessed
+        evaluations = 0
 
-    def slow_eval(*a: object, **k: object) -> object:
-        time.sleep(1.5)
-        return real(*a, **k)
+        def on_eval(self, run: object, metrics: dict) -> None:
+            if "eval_loss" in metrics:
+                SlowEvaluations.evaluations += 1
+                time.sleep(2.0)
 
-    monkeypatch.setattr(loop, "eval_loss", slow_eval)
     data = write_chat_data(tmp_path / "d.jsonl", n=16)
     cfg = dt.load_config(None, [f"model.name={tiny_llama_dir}", f"data.train={data}", "data.eval=0.25",
                                 "method.r=4", f"output.dir={tmp_path / 'run'}", "train.max_steps=3",
                                 "train.batch_size=4", "train.eval_every=1", "train.save_every=1"])
-    result = dt.train(cfg, progress=False)
-    assert result.steps == 3 and result.seconds > 6.0  # four evaluations of 1.5 s, two inside the loop
-    assert result.train_seconds < 1.5  # three tiny steps; the evaluations between them are not training
+    result = dt.train(cfg, progress=False, callbacks=[SlowEvaluations()])
+    assert result.steps == 3 and SlowEvaluations.evaluations == 4  # at the start, after steps 1 and 2, at the end
+    assert result.seconds > 4 * 2.0
+    assert result.train_seconds < 2.0  # the two evaluations inside the loop (4 s) are not training time
 
 
 def test_the_speed_techniques_switch_off_one_by_one_with_the_same_losses(
@@ -116,7 +117,6 @@ RESUME_CASES = {
 
 @pytest.mark.parametrize("method", list(RESUME_CASES))
 def test_resume_after_ctrl_c_matches_an_uninterrupted_run(method: str, tiny_llama_dir: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     data = write_chat_data(tmp_path / "d.jsonl")
     settings = ("train.max_steps=8", "data.eval=null", "train.lr=1e-3", *RESUME_CASES[method])
@@ -128,21 +128,16 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(method: str, tiny_llam
     straight = tmp_path / "straight"
     assert main(args(straight)) == 0
 
-    real_step, calls = loop._step, {"n": 0}
-
-    def interrupt_at_step_6(*args: object, **kwargs: object) -> object:
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
+    class CtrlCAfterStep5(Callback):
+        def on_step_end(self, run: object, metrics: dict) -> None:
+            if metrics["step"] == 5:
+                raise KeyboardInterrupt
 
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(loop, "_step", interrupt_at_step_6)
-    assert main(args(resumed)) == 130
+    assert main(args(resumed), callbacks=[CtrlCAfterStep5()]) == 130
     assert "--resume" in capsys.readouterr().err
     assert (resumed / "checkpoints" / "step-000005").is_dir()
     assert not (resumed / "adapter_model.safetensors").exists()  # no half-finished delta
-    monkeypatch.setattr(loop, "_step", real_step)
     assert main([*args(resumed), "--resume"]) == 0
     a = load_file(straight / "adapter_model.safetensors")
     b = load_file(resumed / "adapter_model.safetensors")

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from deltatune.config import MethodConfig, ModelConfig, RunConfig, config_from_dict, dump_config, load_config
@@ -17,6 +18,7 @@ from deltatune.delta import LoadedDelta, load_delta, save_delta, save_merged
 from deltatune.errors import ConfigError, DataError, DeltatuneError
 from deltatune.methods import Method, build_method, method_config_class
 from deltatune.models import LoadedModel, load_model
+from deltatune.training.callbacks import Callback
 
 __version__ = "0.1.0"
 
@@ -40,11 +42,12 @@ def merge(model: Any, method: Method) -> Any:
     return method.merge(model)
 
 
-def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Any:
-    """Run training for ``cfg`` and write the delta to ``cfg.output.dir``; return the TrainResult."""
+def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, callbacks: Sequence[Callback] = ()) -> Any:
+    """Run training for ``cfg`` and write the delta to ``cfg.output.dir``; return the TrainResult. ``callbacks``
+    (:class:`Callback` subclasses) are called around the loop after the built-in ones."""
     from deltatune.training.loop import train as _train
 
-    return _train(cfg, resume=resume, progress=progress)
+    return _train(cfg, resume=resume, progress=progress, callbacks=callbacks)
 
 
 def compare_methods(path: Any, overrides: list[str] | None = None, **options: Any) -> Any:
@@ -72,6 +75,7 @@ def serve(deltas: Any, **options: Any) -> Any:
 
 
 __all__ = [
+    "Callback",
     "ConfigError",
     "DataError",
     "DeltatuneError",

@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(config, [*demo_overrides(cfg.output.dir), *overrides])
         print("no data.train given: running the built-in demo (LoRA teaches SmolLM2-135M-Instruct to write "
               "dates in ISO 8601)", flush=True)
-    train(cfg, resume=args.resume, progress=not args.no_progress)
+    train(cfg, resume=args.resume, progress=not args.no_progress, callbacks=getattr(args, "callbacks", ()))
     return 0
 
 
@@ -154,6 +154,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from deltatune.data import load_examples, tokenize_examples
     from deltatune.delta import load_delta
     from deltatune.evaluate import eval_loss, exact_match
+    from deltatune.training.shape import batching_mode
 
     run_file = Path(args.delta) / "run.yaml"
     data_cfg = load_config(run_file if run_file.is_file() else None).data  # the run's own data settings
@@ -164,7 +165,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tokenized, report = tokenize_examples(examples, tokenizer, task=task, max_length=data_cfg.max_length,
                                           truncation=data_cfg.truncation, train_on_prompt=data_cfg.train_on_prompt,
                                           label2id=label2id)
-    mode = "pack" if task == "causal_lm" else "bucket"
+    mode = batching_mode(data_cfg, task)  # as the run trained
     figures: dict[str, object] = eval_loss(model, tokenized, task=task, batch_size=args.batch_size, mode=mode,
                                            pad_id=tokenizer.pad_token_id or 0, device=delta.loaded.device)
     if args.generations and task == "causal_lm":
@@ -569,8 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the `deltatune` command with ``argv``; return the exit code (2 for user errors)."""
+def main(argv: Sequence[str] | None = None, *, callbacks: Sequence[Any] = ()) -> int:
+    """Run the `deltatune` command with ``argv``; return the exit code (2 for user errors). ``callbacks``
+    (``deltatune.Callback`` objects) join a `train` run's own, as ``train(callbacks=...)`` takes them."""
     parser = build_parser()
     # key=value overrides may come after options (`train run.yaml --resume a=1`): collect those too
     args, extra = parser.parse_known_args(argv)
@@ -579,6 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     handler: Handler = args.handler
+    args.callbacks = list(callbacks)
     try:
         return handler(args)
     except DeltatuneError as err:

@@ -123,13 +123,6 @@ def _method_section(key: str, base_method: Any) -> Any:
     return copy.deepcopy(ALIASES.get(key, {"name": key}))
 
 
-def estimate_steps(cfg: RunConfig, n_train: int) -> int:
-    """Return the optimizer steps the run plans for ``n_train`` examples (as the loop computes them)."""
-    t = cfg.train
-    per_epoch = math.ceil(math.ceil(n_train / t.batch_size) / t.grad_accum)
-    return t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
-
-
 def load_plan(path: str | Path | None, overrides: list[str] | None = None, *, methods: list[str] | None = None,
               out: str | Path | None = None) -> ComparePlan:
     """Read a compare file with overrides and return the plan: one validated config per method.
@@ -149,6 +142,7 @@ def plan_from_tree(tree: dict[str, Any], source: str = "config", *, methods: lis
     from deltatune.methods import registered_methods
     from deltatune.training.optim import peak_learning_rates
     from deltatune.training.setup import load_run_data
+    from deltatune.training.shape import run_shape
 
     tree = copy.deepcopy(tree)
     settings = parse_settings(tree.pop("compare", None), source)
@@ -208,7 +202,7 @@ def plan_from_tree(tree: dict[str, Any], source: str = "config", *, methods: lis
         m_tree["output"] = {"dir": str(out_dir / key), "overwrite": True}
         where = f"{source} (method {key}{', with compare.overrides.' + key if key in settings.overrides else ''})"
         cfg = config_from_dict(m_tree, where)
-        steps = estimate_steps(cfg, len(data.train))
+        steps = run_shape(cfg, task=data.task, examples=len(data.train)).total_steps  # the loop's own rule
         if data.eval and "eval_every" not in train:
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
                 update={"eval_every": max(1, math.ceil(steps / settings.eval_points))})})

@@ -14,14 +14,13 @@ alone prints and writes files. In a single process none of that code runs.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from deltatune.files import write_text_atomic
 from deltatune.methods import build_method, head_names, trainable_parameters
 from deltatune.models import load_model, prepare_for_training
 from deltatune.training.attention import enable_packed_attention
+from deltatune.training.callbacks import Callback, CallbackList, default_callbacks, format_figures
 from deltatune.training.card import model_card, summarize_parameters
 from deltatune.training.checkpoint import (
     TrainState,
@@ -63,7 +63,7 @@ from deltatune.training.distributed import (
 )
 from deltatune.training.fused import use_fused_modules
 from deltatune.training.optim import build_optimizer, build_scheduler, peak_learning_rates
-from deltatune.training.progress import MetricsLog, Progress
+from deltatune.training.progress import read_metrics
 from deltatune.training.setup import (
     METRICS_FILE,
     RUN_FILE,
@@ -71,8 +71,8 @@ from deltatune.training.setup import (
     prepare_output_dir,
     tokenize_run_data,
 )
-from deltatune.training.step import StepRun, probe_loss
-from deltatune.training.step import run_step as _step
+from deltatune.training.shape import run_shape
+from deltatune.training.step import StepRun, probe_loss, run_step
 
 
 class Interrupted(DeltatuneError):
@@ -142,25 +142,28 @@ def _quiet(text: str) -> None:
     return None
 
 
-def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
+          callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train ``cfg.method`` on ``cfg.data`` and write the delta to ``cfg.output.dir``; return the result.
 
     With ``resume`` the newest checkpoint in the output folder is restored and training continues to
     the same result an uninterrupted run gives. Ctrl-C writes a checkpoint and raises Interrupted (under
     torchrun it writes none: resume from the last ``train.save_every`` checkpoint). Under torchrun every
     rank calls this; a failed collective raises RankFailure naming the last complete checkpoint.
+    ``callbacks`` (see ``training.callbacks``) run after the built-in ones (progress bar, metrics.jsonl,
+    periodic evaluation and checkpoints, time budget).
     """
     with sigterm_as_interrupt(), contextlib.ExitStack() as stack:  # the stack holds the output folder's lock
         ctx = init_distributed(cfg)
         if not ctx.enabled:
-            return _train(cfg, ctx, resume, progress, stack)
-        return _train_distributed(cfg, ctx, resume, progress, stack)
+            return Recipe(cfg, ctx, resume, progress, stack, callbacks).run()
+        return _train_distributed(cfg, ctx, resume, progress, stack, callbacks)
 
 
 def _train_distributed(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool,
-                       stack: contextlib.ExitStack) -> TrainResult:
+                       stack: contextlib.ExitStack, callbacks: Sequence[Callback]) -> TrainResult:
     try:
-        return _train(rank_config(cfg, ctx), ctx, resume, progress, stack)
+        return Recipe(rank_config(cfg, ctx), ctx, resume, progress, stack, callbacks).run()
     except RuntimeError as err:
         if not is_comm_failure(err):
             raise
@@ -173,213 +176,268 @@ def _train_distributed(cfg: RunConfig, ctx: DistContext, resume: bool, progress:
         teardown(ctx)
 
 
-def _train(cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool,
-           stack: contextlib.ExitStack) -> TrainResult:
-    started = time.perf_counter()
-    say = _say if ctx.is_main else _quiet
-    if cfg.train.max_seconds and ctx.enabled:  # each rank's clock would stop it at a different step
-        raise DeltatuneError("train.max_seconds works in a single process only; under torchrun set train.max_steps")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    # the user's data is read and checked before output.overwrite may clear an old run
-    data = load_run_data(cfg, Path(cfg.output.dir), None) if cfg.data.train is not None else None
-    out = ctx.main_first(lambda: prepare_output_dir(cfg, resume, stack)) or Path(cfg.output.dir)
-    if data is None:  # the demo writes its generated data into the (prepared) output folder
-        with tempfile.TemporaryDirectory(prefix="deltatune-") as private:  # demo data of ranks other than 0
-            data = load_run_data(cfg, out, None if ctx.is_main else Path(private))
-    if ctx.is_main:
-        write_text_atomic(out / RUN_FILE, dump_config(cfg))
-    state, last = TrainState(world_size=ctx.world), None
-    if resume:
-        if not checkpoint_dirs(out):
-            raise DeltatuneError(f"rank {ctx.rank}: no checkpoint in {out}; resuming under torchrun needs "
-                                 "output.dir on a filesystem every rank reads")
-        last = newest_intact_checkpoint(out, say)
-        if last is None:
-            raise DeltatuneError(f"{out}: every checkpoint is damaged (see above); start a new output.dir")
-        state = read_state(last, ctx.world)  # before any model is loaded
-    id2label = {v: k for k, v in data.label2id.items()} if data.label2id else None
-    torch.manual_seed(cfg.train.seed)
-    loaded = load_model(cfg.model, task=data.task, num_labels=len(id2label) if id2label else None,
-                        id2label=id2label)
-    model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
-    train_set, eval_set, report = tokenize_run_data(cfg, data, tokenizer)
-    method = build_method(cfg.method)
-    method.attach(model)
-    params = trainable_parameters(model)
-    if not params:
-        raise DeltatuneError(f"method {cfg.method.name!r} left nothing to train on this model")
-    say(summarize_parameters(model, params, method))
-    say(prepare_for_training(model, cfg.train))
-    say(f"data: {report.summary()}; eval {len(eval_set)} examples")
+class Recipe:
+    """One training run, in four pieces: :meth:`setup` (data, model, method, optimizer, resume), :meth:`fit` (the
+    step loop), :meth:`save` (final checkpoint, evaluation, the delta) and :meth:`cleanup`. Callbacks see this
+    object: ``state`` (step, epoch, cursor), ``shape`` (batching, step counts), ``is_main``, ``resumed``, and may
+    call :meth:`evaluate`, :meth:`checkpoint` and :meth:`request_stop`."""
 
-    t = cfg.train
-    mode = cfg.data.batching if data.task == "causal_lm" else ("pad" if cfg.data.batching == "pad" else "bucket")
-    if (mode == "pack" and data.task == "causal_lm" and t.packed_attention and method.packed_attention
-            and enable_packed_attention(model)):
-        say("attention: packed rows attend per example (no block mask)")
-    if data.task == "causal_lm" and t.fused_modules and use_fused_modules(model):
-        say("fused RMSNorm/SwiGLU: norms and feed-forwards keep fewer activations for backward (same math)")
-    lengths = [len(ex.input_ids) for ex in train_set]
-    per_step = t.grad_accum * ctx.world  # micro-batches per optimizer step, over all ranks
-    micro_per_epoch = math.ceil(len(train_set) / t.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / per_step)
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    waste = padding_waste(lengths, plan_batches(lengths, batch_size=t.batch_size, mode=mode, seed=t.seed, epoch=0),
-                          mode)
-    ranks = f" x {ctx.world} ranks = {t.batch_size * per_step}" if ctx.enabled else ""
-    say(f"batching: {mode}, padding waste {waste:.1%}; {total_steps} steps of {t.batch_size} x {t.grad_accum}"
-        f"{ranks} examples ({steps_per_epoch} steps per epoch)")
+    def __init__(self, cfg: RunConfig, ctx: DistContext, resume: bool, progress: bool, stack: contextlib.ExitStack,
+                 callbacks: Sequence[Callback] = ()) -> None:
+        self.cfg, self.ctx, self.resumed, self.progress, self.stack = cfg, ctx, resume, progress, stack
+        self.extra_callbacks = list(callbacks)
+        self.say = _say if ctx.is_main else _quiet
+        self.is_main = ctx.is_main
+        self.stop_requested = False
+        self.paused = 0.0  # seconds of evaluations and checkpoints inside the step loop
 
-    pad_id = tokenizer.pad_token_id or 0
-    result = TrainResult(output_dir=out, steps=state.step, train_loss=None)
-    result.trainable_params = sum(p.numel() for p in params.values())
-    result.total_params = sum(p.numel() for p in model.parameters())
-    if last is not None:
-        load_trainable(last, params)
-    inner = model
-    if ctx.enabled:
-        say(f"distributed: {ctx.kind} on {ctx.world} ranks ({ctx.backend})")
-        probe = train_set[0]
-        model = wrap_model(model, ctx, lambda m: probe_loss(m, method, probe, mode, pad_id, data.task, device))
-        inner = unwrap(model)
-        params = trainable_parameters(inner)  # FSDP replaced them by sharded ones
-        torch.manual_seed(t.seed + ctx.rank)  # each rank its own dropout stream
-    lr, head_lr = peak_learning_rates(t, cfg.method, data.task)
-    lr_of = {f"{head}.{n}": head_lr for head in head_names(inner)
-             for n, _ in inner.get_submodule(head).named_parameters()}
-    lr_of.update(method.learning_rates(inner, lr))
-    say(f"learning rate {lr:g}{'' if t.lr else f' ({cfg.method.name} default; set train.lr to change)'}"
-        + (f", classifier head {head_lr:g}" if head_names(inner) else ""))
-    switches = method.rate_switches(inner, lr, total_steps)
-    for text in sorted({f"from step {sw.at_step + 1} on, {cfg.method.name} trains {n.rsplit('.', 1)[-1]} at {sw.rate:g}"
-                        for n, sw in switches.items()}):
-        say(text)
-    optimizer = build_optimizer(params, t, lr, lr_of, switches)
-    main_group = next((i for i, g in enumerate(optimizer.param_groups) if g["lr"] == lr), 0)
-    scheduler = build_scheduler(optimizer, t, total_steps)
-    if last is not None:
-        extra = load_extra(last)
-        load_optimizer_state(model, optimizer, extra["optimizer"], ctx)
-        scheduler.load_state_dict(extra["scheduler"])
-        torch.set_rng_state(extra["rng_per_rank"][ctx.rank] if "rng_per_rank" in extra else extra["rng"])
-        method.after_step(inner, state.step - 1, total_steps)  # restore step-dependent state (a fixed mask)
-        say(f"resumed from {last} (step {state.step})")
-    metrics = MetricsLog(out / METRICS_FILE, keep_until_step=state.step if resume else None, enabled=ctx.is_main)
+    # ---- the recipe ------------------------------------------------------------------------------------
 
-    def checkpoint() -> Path | None:
-        """Write a checkpoint (rank 0; every rank takes part in gathering the state); return its folder."""
-        tensors = full_tensors(params)
-        extra = {"optimizer": optimizer_state(model, optimizer, ctx), "scheduler": scheduler.state_dict(),
-                 "rng": torch.get_rng_state()}
-        if ctx.enabled:
-            extra["rng_per_rank"] = ctx.gather_objects(torch.get_rng_state())
-        return save_checkpoint(out, state, tensors, extra) if ctx.is_main else None
-
-    def evaluate(step: int) -> dict[str, float]:
-        # every rank evaluates the whole eval set (an FSDP forward needs every rank); rank 0 logs
-        if not eval_set:
-            return {}
-        figures = eval_loss(inner, eval_set, task=data.task, batch_size=t.batch_size, mode=mode, pad_id=pad_id,
-                            device=device, chunked=t.chunked_loss)
-        metrics.write({"step": step, **figures})
-        return figures
-
-    def generations(step: int, when: str) -> dict[str, Any]:
-        if not t.eval_generations or data.task != "causal_lm" or not data.eval:
-            return {}
-        result = exact_match(inner, tokenizer, data.eval, limit=t.eval_generations)
-        metrics.write({"step": step, "exact_match": result["exact_match"], "exact_match_n": result["n"]})
-        say(f"exact match {when}: {result['exact_match']:.1%} of {result['n']} held-out examples")
-        for s in result["samples"][:2]:
-            say(f"  {s['prompt']!r} -> {s['reply']!r} (want {s['reference']!r})")
+    def run(self) -> TrainResult:
+        """Set up, train, save; return the result. Ctrl-C or SIGTERM raises Interrupted after a checkpoint."""
+        started = time.perf_counter()
+        self.setup()
+        try:
+            self.fit()
+        except KeyboardInterrupt as stop:
+            self.interrupted(stop)
+        result = self.save()
+        result.seconds = time.perf_counter() - started
+        self.callbacks.on_train_end(self, result)
         return result
 
-    if resume:  # the start figures were measured before the interruption
-        for record in metrics.records():
-            if record.get("step") == 0:
-                result.eval_start.update({k: v for k, v in record.items() if k.startswith("eval_")})
-                if "exact_match" in record:
-                    result.generation_start = {"exact_match": record["exact_match"], "n": record["exact_match_n"]}
-    if state.step == 0:
-        result.eval_start = evaluate(0)
-        if result.eval_start:
-            say("eval at start: " + _fmt(result.eval_start))
-        result.generation_start = generations(0, "before training")
+    def setup(self) -> None:
+        """Read the data, prepare the output folder, load the model, attach the method, build the optimizer and
+        the schedule, restore a checkpoint when resuming, and evaluate before training."""
+        self._prepare_run()
+        self._prepare_model()
+        self._prepare_optimizer()
+        self._start_figures()
 
-    loop_started, paused = time.perf_counter(), 0.0
-    deadline = loop_started + t.max_seconds if t.max_seconds else math.inf
-    tokens_before = state.tokens_seen
-    bar = Progress(total_steps, state.step, enabled=progress and ctx.is_main)
-    model.train()
-    run = StepRun(model, inner, method, train_set, mode, pad_id, data.task, device, t, params, optimizer, ctx)
-    last_loss: float | None = None
-    try:
-        while state.step < total_steps:
-            plan = plan_batches(lengths, batch_size=t.batch_size, mode=mode, seed=t.seed, epoch=state.epoch)
-            while state.cursor < len(plan) and state.step < total_steps:
-                group = plan[state.cursor:state.cursor + per_step]
+    def fit(self) -> None:
+        """The step loop: until the planned steps are done or a callback asks to stop."""
+        t, ctx, state = self.cfg.train, self.ctx, self.state
+        self.callbacks.on_train_start(self)
+        self.loop_started = time.perf_counter()
+        self.tokens_before = tokens_done = state.tokens_seen
+        self.model.train()
+        run = StepRun(self.model, self.inner, self.method, self.train_set, self.shape.mode, self.pad_id, self.task,
+                      self.device, t, self.params, self.optimizer, ctx)
+        while state.step < self.shape.total_steps and not self.stop_requested:
+            plan = plan_batches(self.lengths, batch_size=t.batch_size, mode=self.shape.mode, seed=t.seed,
+                                epoch=state.epoch)
+            while state.cursor < len(plan) and state.step < self.shape.total_steps and not self.stop_requested:
+                group = plan[state.cursor:state.cursor + self.shape.micro_per_step]
                 share = step_share(group, ctx.rank, ctx.world) if ctx.enabled else [(idx, True) for idx in group]
-                last_loss, tokens, grad_norm = _step(run, share)
-                scheduler.step()
-                method.after_step(inner, state.step, total_steps)
+                self.last_loss, tokens, grad_norm = run_step(run, share)
+                self.scheduler.step()
+                self.method.after_step(self.inner, state.step, self.shape.total_steps)
                 state.step += 1
                 state.cursor += len(group)
                 state.tokens_seen += tokens
-                lr_now = scheduler.get_last_lr()[main_group]
-                rate = bar.update(last_loss, lr_now, tokens)
-                if state.step % t.log_every == 0 or state.step == total_steps:
-                    metrics.write({"step": state.step, "epoch": state.epoch, "loss": last_loss, "lr": lr_now,
-                                   "grad_norm": grad_norm, "tokens": state.tokens_seen, "tokens_per_s": rate})
-                pause = time.perf_counter()  # evaluations and checkpoints do not count as training time
-                if t.eval_every and state.step % t.eval_every == 0 and state.step < total_steps:
-                    figures = evaluate(state.step)
-                    if ctx.is_main:
-                        bar.write(f"step {state.step}: " + _fmt(figures))
-                if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:
-                    checkpoint()
-                paused += time.perf_counter() - pause
-                if time.perf_counter() >= deadline:  # train.max_seconds: stop after the step that used it up
-                    break
+                elapsed = max(time.perf_counter() - self.loop_started, 1e-9)
+                self.callbacks.on_step_end(self, {
+                    "step": state.step, "epoch": state.epoch, "loss": self.last_loss,
+                    "lr": self.scheduler.get_last_lr()[self.main_group], "grad_norm": grad_norm,
+                    "tokens": state.tokens_seen, "tokens_per_s": (state.tokens_seen - tokens_done) / elapsed,
+                    "step_tokens": tokens})
             if state.cursor >= len(plan):
                 state.epoch, state.cursor = state.epoch + 1, 0
-            if time.perf_counter() >= deadline:
-                break
-    except KeyboardInterrupt as stop:
-        optimizer.zero_grad(set_to_none=True)
-        bar.close()
-        metrics.close()
+        self.callbacks.on_fit_end(self)
+
+    def save(self) -> TrainResult:
+        """Write the last checkpoint, finalize the method, evaluate, and write the delta with its model card."""
+        result, state = self.result, self.state
+        result.train_seconds = time.perf_counter() - self.loop_started - self.paused
+        result.train_tokens = state.tokens_seen - self.tokens_before
+        self.model.eval()
+        self.checkpoint()
+        self.method.finalize(self.inner)
+        result.steps, result.train_loss = state.step, self.last_loss
+        result.eval_end = self.evaluate(announce="eval at end")
+        result.generation_end = self._generations("after training")
+        with gathered(self.inner, self.ctx):  # FSDP: whole tensors on every rank for the moment of saving
+            if self.is_main:
+                card = model_card(self.cfg, self.data, self.loaded.source, result, self.method)
+                save_delta(self.out, self.method, self.inner, self.loaded.source, task=self.task, card=card)
+                size = os.path.getsize(self.out / "adapter_model.safetensors") / 1e6
+                self.say(f"delta written to {self.out}/ ({size:.1f} MB)")
+                self.callbacks.on_save(self, self.out)
+        return result
+
+    def interrupted(self, stop: KeyboardInterrupt) -> None:
+        """Ctrl-C or SIGTERM during the loop: a checkpoint (single process), then Interrupted with the way on."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.callbacks.on_fit_end(self)
+        self.callbacks.on_train_end(self, None)
         how, code = ("stopped by SIGTERM", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
-        if ctx.enabled:  # the ranks may stop at different points, so no collective (no checkpoint) is safe
-            done = checkpoint_dirs(out)[-1:] or ["none"]
-            raise Interrupted(f"{how} at step {state.step}; last complete checkpoint: {done[0]}; "
+        step = self.state.step
+        if self.ctx.enabled:  # the ranks may stop at different points, so no collective (no checkpoint) is safe
+            done = checkpoint_dirs(self.out)[-1:] or ["none"]
+            raise Interrupted(f"{how} at step {step}; last complete checkpoint: {done[0]}; "
                               "continue with the same command and --resume", code) from None
-        ckpt = checkpoint()
-        raise Interrupted(f"{how} at step {state.step}; checkpoint written to {ckpt}; "
+        ckpt = self.checkpoint()
+        raise Interrupted(f"{how} at step {step}; checkpoint written to {ckpt}; "
                           "continue with the same command and --resume", code) from None
-    bar.close()
-    result.train_seconds = time.perf_counter() - loop_started - paused
-    result.train_tokens = state.tokens_seen - tokens_before
-    if state.step < total_steps:
-        say(f"time budget train.max_seconds={t.max_seconds:g} used up: stopped after step {state.step} of "
-            f"{total_steps}")
-    model.eval()
-    checkpoint()
-    method.finalize(inner)
-    result.steps, result.train_loss = state.step, last_loss
-    result.eval_end = evaluate(state.step)
-    if result.eval_end:
-        say("eval at end: " + _fmt(result.eval_end))
-    result.generation_end = generations(state.step, "after training")
-    metrics.close()
-    result.seconds = time.perf_counter() - started
-    with gathered(inner, ctx):  # FSDP: whole tensors on every rank for the moment of saving
+
+    # ---- what callbacks may call -------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop the loop after the current step (the run then saves as if it had finished)."""
+        self.stop_requested = True
+
+    def checkpoint(self) -> Path | None:
+        """Write a checkpoint (rank 0; every rank takes part in gathering the state); return its folder."""
+        began = time.perf_counter()
+        tensors = full_tensors(self.params)
+        extra = {"optimizer": optimizer_state(self.model, self.optimizer, self.ctx),
+                 "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state()}
+        if self.ctx.enabled:
+            extra["rng_per_rank"] = self.ctx.gather_objects(torch.get_rng_state())
+        path = save_checkpoint(self.out, self.state, tensors, extra) if self.is_main else None
+        if path is not None:
+            self.callbacks.on_save(self, path)
+        self.paused += time.perf_counter() - began
+        return path
+
+    def evaluate(self, announce: str | None = None) -> dict[str, float]:
+        """Evaluate on the held-out set (every rank: an FSDP forward needs them all); return the figures."""
+        if not self.eval_set:
+            return {}
+        began = time.perf_counter()
+        t = self.cfg.train
+        figures = eval_loss(self.inner, self.eval_set, task=self.task, batch_size=t.batch_size, mode=self.shape.mode,
+                            pad_id=self.pad_id, device=self.device, chunked=t.chunked_loss)
+        if announce:
+            self.say(f"{announce}: " + format_figures(figures))
+        self.callbacks.on_eval(self, {"step": self.state.step, **figures})
+        self.paused += time.perf_counter() - began
+        return figures
+
+    # ---- setup, piece by piece -------------------------------------------------------------------------
+
+    def _prepare_run(self) -> None:
+        """Data read and checked, output folder claimed, run.yaml written, checkpoint state read."""
+        cfg, ctx = self.cfg, self.ctx
+        if cfg.train.max_seconds and ctx.enabled:  # each rank's clock would stop it at a different step
+            raise DeltatuneError("train.max_seconds works in a single process only; under torchrun set "
+                                 "train.max_steps")
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        # the user's data is read and checked before output.overwrite may clear an old run
+        data = load_run_data(cfg, Path(cfg.output.dir), None) if cfg.data.train is not None else None
+        self.out = ctx.main_first(lambda: prepare_output_dir(cfg, self.resumed, self.stack)) or Path(cfg.output.dir)
+        if data is None:  # the demo writes its generated data into the (prepared) output folder
+            with tempfile.TemporaryDirectory(prefix="deltatune-") as private:  # demo data of ranks other than 0
+                data = load_run_data(cfg, self.out, None if ctx.is_main else Path(private))
+        self.data, self.task = data, data.task
         if ctx.is_main:
-            card = model_card(cfg, data, loaded.source, result, method)
-            save_delta(out, method, inner, loaded.source, task=data.task, card=card)
-            say(f"delta written to {out}/ ({os.path.getsize(out / 'adapter_model.safetensors') / 1e6:.1f} MB)")
-    return result
+            write_text_atomic(self.out / RUN_FILE, dump_config(cfg))
+        self.state, self.last_ckpt = TrainState(world_size=ctx.world), None
+        if self.resumed:
+            if not checkpoint_dirs(self.out):
+                raise DeltatuneError(f"rank {ctx.rank}: no checkpoint in {self.out}; resuming under torchrun needs "
+                                     "output.dir on a filesystem every rank reads")
+            self.last_ckpt = newest_intact_checkpoint(self.out, self.say)
+            if self.last_ckpt is None:
+                raise DeltatuneError(f"{self.out}: every checkpoint is damaged (see above); start a new output.dir")
+            self.state = read_state(self.last_ckpt, ctx.world)  # before any model is loaded
 
+    def _prepare_model(self) -> None:
+        """Base loaded, data tokenized, method attached, speed options on, shape decided, DDP/FSDP wrapped."""
+        cfg, ctx, data, say = self.cfg, self.ctx, self.data, self.say
+        id2label = {v: k for k, v in data.label2id.items()} if data.label2id else None
+        torch.manual_seed(cfg.train.seed)
+        self.loaded = load_model(cfg.model, task=data.task, num_labels=len(id2label) if id2label else None,
+                                 id2label=id2label)
+        model, tokenizer, self.device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
+        self.train_set, self.eval_set, report = tokenize_run_data(cfg, data, tokenizer)
+        self.method = build_method(cfg.method)
+        self.method.attach(model)
+        params = trainable_parameters(model)
+        if not params:
+            raise DeltatuneError(f"method {cfg.method.name!r} left nothing to train on this model")
+        say(summarize_parameters(model, params, self.method))
+        say(prepare_for_training(model, cfg.train))
+        say(f"data: {report.summary()}; eval {len(self.eval_set)} examples")
+        t = cfg.train
+        self.shape = shape = run_shape(cfg, task=data.task, examples=len(self.train_set), world=ctx.world)
+        if (shape.mode == "pack" and data.task == "causal_lm" and t.packed_attention and self.method.packed_attention
+                and enable_packed_attention(model)):
+            say("attention: packed rows attend per example (no block mask)")
+        if data.task == "causal_lm" and t.fused_modules and use_fused_modules(model):
+            say("fused RMSNorm/SwiGLU: norms and feed-forwards keep fewer activations for backward (same math)")
+        self.lengths = [len(ex.input_ids) for ex in self.train_set]
+        waste = padding_waste(self.lengths, plan_batches(self.lengths, batch_size=t.batch_size, mode=shape.mode,
+                                                         seed=t.seed, epoch=0), shape.mode)
+        ranks = f" x {ctx.world} ranks = {t.batch_size * shape.micro_per_step}" if ctx.enabled else ""
+        say(f"batching: {shape.mode}, padding waste {waste:.1%}; {shape.total_steps} steps of {t.batch_size} x "
+            f"{t.grad_accum}{ranks} examples ({shape.steps_per_epoch} steps per epoch)")
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.result = TrainResult(output_dir=self.out, steps=self.state.step, train_loss=None)
+        self.result.trainable_params = sum(p.numel() for p in params.values())
+        self.result.total_params = sum(p.numel() for p in model.parameters())
+        if self.last_ckpt is not None:
+            load_trainable(self.last_ckpt, params)
+        self.model = self.inner = model
+        if ctx.enabled:
+            say(f"distributed: {ctx.kind} on {ctx.world} ranks ({ctx.backend})")
+            probe = self.train_set[0]
+            self.model = wrap_model(model, ctx, lambda m: probe_loss(m, self.method, probe, shape.mode, self.pad_id,
+                                                                     data.task, self.device))
+            self.inner = unwrap(self.model)
+            params = trainable_parameters(self.inner)  # FSDP replaced them by sharded ones
+            torch.manual_seed(t.seed + ctx.rank)  # each rank its own dropout stream
+        self.params = params
 
-def _fmt(figures: dict[str, float]) -> str:
-    return ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in figures.items())
+    def _prepare_optimizer(self) -> None:
+        """Learning rates, optimizer and schedule; with a checkpoint, their state and the RNG restored."""
+        cfg, t, inner, say = self.cfg, self.cfg.train, self.inner, self.say
+        lr, head_lr = peak_learning_rates(t, cfg.method, self.task)
+        lr_of = {f"{head}.{n}": head_lr for head in head_names(inner)
+                 for n, _ in inner.get_submodule(head).named_parameters()}
+        lr_of.update(self.method.learning_rates(inner, lr))
+        say(f"learning rate {lr:g}{'' if t.lr else f' ({cfg.method.name} default; set train.lr to change)'}"
+            + (f", classifier head {head_lr:g}" if head_names(inner) else ""))
+        total = self.shape.total_steps
+        switches = self.method.rate_switches(inner, lr, total)
+        for text in sorted({f"from step {sw.at_step + 1} on, {cfg.method.name} trains {n.rsplit('.', 1)[-1]} at "
+                            f"{sw.rate:g}" for n, sw in switches.items()}):
+            say(text)
+        self.optimizer = build_optimizer(self.params, t, lr, lr_of, switches)
+        self.main_group = next((i for i, g in enumerate(self.optimizer.param_groups) if g["lr"] == lr), 0)
+        self.scheduler = build_scheduler(self.optimizer, t, total)
+        if self.last_ckpt is not None:
+            extra = load_extra(self.last_ckpt)
+            load_optimizer_state(self.model, self.optimizer, extra["optimizer"], self.ctx)
+            self.scheduler.load_state_dict(extra["scheduler"])
+            torch.set_rng_state(extra["rng_per_rank"][self.ctx.rank] if "rng_per_rank" in extra else extra["rng"])
+            self.method.after_step(inner, self.state.step - 1, total)  # restore step-dependent state (a fixed mask)
+            say(f"resumed from {self.last_ckpt} (step {self.state.step})")
+        self.callbacks = CallbackList([*default_callbacks(cfg, self.out, self.progress), *self.extra_callbacks])
+        self.last_loss: float | None = None
+
+    def _start_figures(self) -> None:
+        """Evaluate before training (or, after a resume, read what was measured then from metrics.jsonl)."""
+        result = self.result
+        if self.resumed:
+            for record in read_metrics(self.out / METRICS_FILE):
+                if record.get("step") == 0:
+                    result.eval_start.update({k: v for k, v in record.items() if k.startswith("eval_")})
+                    if "exact_match" in record:
+                        result.generation_start = {"exact_match": record["exact_match"], "n": record["exact_match_n"]}
+        if self.state.step == 0:
+            result.eval_start = self.evaluate(announce="eval at start")
+            result.generation_start = self._generations("before training")
+
+    def _generations(self, when: str) -> dict[str, Any]:
+        t = self.cfg.train
+        if not t.eval_generations or self.task != "causal_lm" or not self.data.eval:
+            return {}
+        result = exact_match(self.inner, self.loaded.tokenizer, self.data.eval, limit=t.eval_generations)
+        self.callbacks.on_eval(self, {"step": self.state.step, "exact_match": result["exact_match"],
+                                      "exact_match_n": result["n"]})
+        self.say(f"exact match {when}: {result['exact_match']:.1%} of {result['n']} held-out examples")
+        for sample in result["samples"][:2]:
+            self.say(f"  {sample['prompt']!r} -> {sample['reply']!r} (want {sample['reference']!r})")
+        return result

@@ -73,3 +73,10 @@ class Progress:
     def close(self) -> None:
         """Close the bar."""
         self.bar.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Return the records of a ``metrics.jsonl`` (none when it does not exist)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
