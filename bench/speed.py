@@ -367,43 +367,34 @@ def worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def worker_deltatune(spec: dict[str, Any]) -> dict[str, Any]:
-    """Contender 3: deltatune's own train() with its defaults; each step timed by wrapping the loop's step."""
+    """Contender 3: deltatune's own train() with its defaults; each step timed by a callback (end to end)."""
     torch = _child_setup(spec)
     import deltatune.training.loop as loop
     from deltatune.config import load_config
+    from deltatune.training.callbacks import Callback
 
     work = json.loads(Path(spec["work"]).read_text()) if spec.get("work") else None
     records: list[dict[str, Any]] = []
-    original = getattr(loop, "_step", None)
 
-    def timed(run: Any, share: Any, *rest: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        out = original(run, share, *rest, **kwargs)
-        _sync(torch, spec["device"])
-        seconds = time.perf_counter() - started
-        k = len(records)
-        batch = [{"input_ids": run.dataset[i].input_ids, "labels": run.dataset[i].labels}
-                 for idx, _real in share for i in idx]
-        ok = None if work is None else k < len(work["steps"]) and _same_sets(
-            [e["input_ids"] for e in batch], [e["input_ids"] for e in work["steps"][k]])
-        records.append(_step_record(k + 1, spec["steps"], seconds, float(out[0]), batch, ok))
-        return out
+    class StepTimer(Callback):
+        """Times each optimizer step from the end of the previous one (the loop's callbacks included)."""
 
-    if original is not None:
-        loop._step = timed
-    result = loop.train(load_config(None, deltatune_overrides(spec)), progress=False)
-    timing = "loop._step wrapped"
-    if not records:  # the loop no longer calls _step: per-step figures from metrics.jsonl (cumulative rate)
-        timing = "metrics.jsonl"
-        rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
-        rows = [r for r in rows if "tokens_per_s" in r]
-        elapsed = [0.0] + [r["tokens"] / r["tokens_per_s"] for r in rows]
-        tokens = [0] + [r["tokens"] for r in rows]
-        for k, r in enumerate(rows):
-            batch = work["steps"][k] if work else []
-            rec = _step_record(k + 1, spec["steps"], elapsed[k + 1] - elapsed[k], r["loss"], batch, None)
-            rec["tokens"] = tokens[k + 1] - tokens[k]
-            records.append(rec)
+        def on_train_start(self, run: Any) -> None:
+            self.mark = time.perf_counter()
+
+        def on_step_end(self, run: Any, metrics: dict[str, Any]) -> None:
+            _sync(torch, spec["device"])
+            now = time.perf_counter()
+            seconds, self.mark = now - self.mark, now
+            k = len(records)
+            batch = [{"input_ids": run.train_set[i].input_ids, "labels": run.train_set[i].labels}
+                     for i in run.step_examples]
+            ok = None if work is None else k < len(work["steps"]) and _same_sets(
+                [e["input_ids"] for e in batch], [e["input_ids"] for e in work["steps"][k]])
+            records.append(_step_record(k + 1, spec["steps"], seconds, float(metrics["loss"]), batch, ok))
+
+    result = loop.train(load_config(None, deltatune_overrides(spec)), progress=False, callbacks=[StepTimer()])
+    timing = "a step callback"
     return _finish(spec, records, result.trainable_params, timing=timing)
 
 

@@ -364,7 +364,6 @@ def test_training_run_uses_the_fused_modules_with_the_same_update(tiny_llama_dir
 
     from safetensors.torch import load_file
 
-    import deltatune.training.loop as loop
     from deltatune.cli import main
 
     rows = [{"messages": [{"role": "user", "content": f"What colour is thing {i}?"},
@@ -372,16 +371,15 @@ def test_training_run_uses_the_fused_modules_with_the_same_update(tiny_llama_dir
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    def train(out: Path) -> dict[str, torch.Tensor]:
+    def train(out: Path, *extra: str) -> dict[str, torch.Tensor]:
         assert main(["train", f"model.name={tiny_llama_dir}", f"data.train={data}", f"output.dir={out}",
                      "train.seed=3", "train.batch_size=4", "method.r=4", "train.max_steps=2", "data.eval=null",
-                     "train.lr=1e-3", "--no-progress"]) == 0
+                     "train.lr=1e-3", "--no-progress", *extra]) == 0
         return load_file(out / "adapter_model.safetensors")
 
     fused = train(tmp_path / "fused")
     assert "fused RMSNorm/SwiGLU" in capsys.readouterr().out
-    monkeypatch.setattr(loop, "use_fused_modules", lambda model: False)
-    plain = train(tmp_path / "plain")
+    plain = train(tmp_path / "plain", "train.fused_modules=false")
     assert "fused RMSNorm/SwiGLU" not in capsys.readouterr().out
     assert fused.keys() == plain.keys()
     for k, v in plain.items():

@@ -15,7 +15,7 @@ over; ``on_train_end`` last, with the TrainResult, or None when the run was inte
 calls every callback (periodic evaluation and checkpoints are collective); ``run.is_main`` tells rank 0.
 
 The progress bar, ``metrics.jsonl``, periodic evaluation, periodic checkpoints and the time budget are the
-built-in callbacks below; ``default_callbacks`` puts them together for a run.
+built-in callbacks below; ``default_callbacks`` puts them together with the caller's for a run.
 """
 
 from __future__ import annotations
@@ -201,14 +201,18 @@ class TimeBudget(Callback):
                     f"of {run.shape.total_steps}")
 
 
-def default_callbacks(cfg: RunConfig, out: Path, progress: bool) -> list[Callback]:
-    """Return the built-in callbacks a run of ``cfg`` writing to ``out`` uses."""
+def default_callbacks(cfg: RunConfig, out: Path, progress: bool, extra: list[Callback] | None = None
+                      ) -> list[Callback]:
+    """Return the callbacks of a run of ``cfg`` writing to ``out``: the built-in observers (metrics.jsonl, the
+    bar), then ``extra`` (the caller's), then the built-in actions (periodic evaluation and checkpoints, the
+    time budget), so that the caller's callbacks see each step before anything acts on it."""
     from deltatune.training.setup import METRICS_FILE
 
     t = cfg.train
     callbacks: list[Callback] = [MetricsFile(out / METRICS_FILE, t.log_every)]
     if progress:
         callbacks.append(ProgressBar())
+    callbacks += extra or []
     if t.eval_every:
         callbacks.append(PeriodicEval(t.eval_every))
     if t.save_every:

@@ -229,6 +229,7 @@ class Recipe:
             while state.cursor < len(plan) and state.step < self.shape.total_steps and not self.stop_requested:
                 group = plan[state.cursor:state.cursor + self.shape.micro_per_step]
                 share = step_share(group, ctx.rank, ctx.world) if ctx.enabled else [(idx, True) for idx in group]
+                self.step_examples = [i for idx, real in share if real for i in idx]  # this rank's, for callbacks
                 self.last_loss, tokens, grad_norm = run_step(run, share)
                 self.scheduler.step()
                 self.method.after_step(self.inner, state.step, self.shape.total_steps)
@@ -269,14 +270,15 @@ class Recipe:
         """Ctrl-C or SIGTERM during the loop: a checkpoint (single process), then Interrupted with the way on."""
         self.optimizer.zero_grad(set_to_none=True)
         self.callbacks.on_fit_end(self)
-        self.callbacks.on_train_end(self, None)
         how, code = ("stopped by SIGTERM", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
         step = self.state.step
         if self.ctx.enabled:  # the ranks may stop at different points, so no collective (no checkpoint) is safe
             done = checkpoint_dirs(self.out)[-1:] or ["none"]
+            self.callbacks.on_train_end(self, None)
             raise Interrupted(f"{how} at step {step}; last complete checkpoint: {done[0]}; "
                               "continue with the same command and --resume", code) from None
         ckpt = self.checkpoint()
+        self.callbacks.on_train_end(self, None)
         raise Interrupted(f"{how} at step {step}; checkpoint written to {ckpt}; "
                           "continue with the same command and --resume", code) from None
 
@@ -414,7 +416,7 @@ class Recipe:
             torch.set_rng_state(extra["rng_per_rank"][self.ctx.rank] if "rng_per_rank" in extra else extra["rng"])
             self.method.after_step(inner, self.state.step - 1, total)  # restore step-dependent state (a fixed mask)
             say(f"resumed from {self.last_ckpt} (step {self.state.step})")
-        self.callbacks = CallbackList([*default_callbacks(cfg, self.out, self.progress), *self.extra_callbacks])
+        self.callbacks = CallbackList(default_callbacks(cfg, self.out, self.progress, self.extra_callbacks))
         self.last_loss: float | None = None
 
     def _start_figures(self) -> None:
