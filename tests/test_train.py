@@ -334,3 +334,15 @@ def test_passes_capped_by_tokens_give_the_same_update(tiny_llama_dir: Path, tmp_
     assert all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)  # float summation order only
     assert [m["tokens"] for m in metrics(one)] == [m["tokens"] for m in metrics(capped)]
     assert [m["loss"] for m in metrics(one)] == pytest.approx([m["loss"] for m in metrics(capped)], rel=1e-6)
+
+
+def test_the_model_card_names_peft_only_for_deltas_peft_loads(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    data = write_chat_data(tmp_path / "d.jsonl", n=8)
+    for method, loader in (("lora", "library_name: peft"), ("bitfit", "library_name: deltatune")):
+        out = tmp_path / method
+        args = [a for a in train_args(tiny_llama_dir, data, out, "train.max_steps=1", "data.eval=null",
+                                      f"method.name={method}") if method == "lora" or a != "method.r=4"]
+        assert main(args) == 0
+        card = (out / "README.md").read_text()
+        assert loader in card
+        assert ("PeftModel.from_pretrained" in card) == (method == "lora")

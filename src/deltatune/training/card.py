@@ -30,8 +30,14 @@ def summarize_parameters(model: nn.Module, params: dict[str, nn.Parameter], meth
             f"({100 * trainable / total:.3f}%); delta on disk {delta_bytes / 1e6:.2f} MB")
 
 
-def model_card(cfg: RunConfig, data: RunData, base: str, result: TrainResult, method: Method) -> str:
-    """Return the README.md written beside the delta: base model, method, data, steps, final figures."""
+PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")  # what peft itself loads
+
+
+def model_card(cfg: RunConfig, data: RunData, base: str, result: TrainResult, method: Method,
+               peft_type: str | None = None) -> str:
+    """Return the README.md written beside the delta: base model, method, data, steps, final figures. Only a
+    delta whose ``peft_type`` (its adapter_config.json's) is one peft loads says ``library_name: peft`` and shows
+    ``PeftModel``; the others name deltatune as the way to load them."""
     from deltatune.config import dump_config
 
     def figures(d: dict[str, Any]) -> str:
@@ -42,8 +48,17 @@ def model_card(cfg: RunConfig, data: RunData, base: str, result: TrainResult, me
         em = (f"| exact match (held-out) | {result.generation_start.get('exact_match', float('nan')):.1%} | "
               f"{result.generation_end.get('exact_match', float('nan')):.1%} |\n")
     train_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
+    peft = peft_type in PEFT_TYPES
+    out = cfg.output.dir
+    if peft:
+        use = (f'Use it with deltatune (`deltatune generate {out} "..."`) or with peft\n'
+               f'(`PeftModel.from_pretrained(base, "{out}")`, base loaded from the path above).')
+    else:
+        use = (f'Use it with deltatune (`deltatune generate {out} "..."`, or `deltatune.load_delta("{out}")` in '
+               f"Python).\npeft does not load {method.name} deltas."
+               + (" `deltatune merge` writes a plain model that transformers loads." if method.mergeable else ""))
     return f"""---
-library_name: peft
+library_name: {"peft" if peft else "deltatune"}
 base_model: {base}
 tags: [deltatune, {method.name}]
 ---
@@ -58,8 +73,7 @@ tags: [deltatune, {method.name}]
 | --- | --- | --- |
 | eval | {figures(result.eval_start)} | {figures(result.eval_end)} |
 {em}
-Use it with deltatune (`deltatune generate {cfg.output.dir} "..."`) or with peft
-(`PeftModel.from_pretrained(base, "{cfg.output.dir}")`, base loaded from the path above).
+{use}
 
 ## Run config
 

@@ -259,7 +259,8 @@ class Recipe:
         result.generation_end = self._generations("after training")
         with gathered(self.inner, self.ctx):  # FSDP: whole tensors on every rank for the moment of saving
             if self.is_main:
-                card = model_card(self.cfg, self.data, self.loaded.source, result, self.method)
+                peft_type = self.method.adapter_config(self.inner, self.loaded.source).get("peft_type")
+                card = model_card(self.cfg, self.data, self.loaded.source, result, self.method, peft_type)
                 save_delta(self.out, self.method, self.inner, self.loaded.source, task=self.task, card=card)
                 size = os.path.getsize(self.out / "adapter_model.safetensors") / 1e6
                 self.say(f"delta written to {self.out}/ ({size:.1f} MB)")
