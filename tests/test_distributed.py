@@ -113,11 +113,23 @@ def one_rank_accum2(tiny_llama_dir: Path, chat_data: Path, tmp_path_factory: pyt
 
 @pytest.fixture(scope="module")
 def ddp_straight(tiny_llama_dir: Path, chat_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """2 ranks under torchrun (`--nproc 2`), batch 4 each, 8 steps uninterrupted, a checkpoint every 2."""
+    """2 ranks under torchrun (`--nproc 2`), batch 4 each, 8 steps uninterrupted, a checkpoint every 2, logging to
+    TensorBoard."""
     out = tmp_path_factory.mktemp("ddp") / "run"
-    assert main([*args(tiny_llama_dir, chat_data, out, "train.max_steps=8", "train.save_every=2"),
-                 "--nproc", "2"]) == 0
+    assert main([*args(tiny_llama_dir, chat_data, out, "train.max_steps=8", "train.save_every=2",
+                       "train.report_to=tensorboard"), "--nproc", "2"]) == 0
     return out
+
+
+def test_under_ddp_only_rank_0_logs_to_the_tracker(ddp_straight: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list((ddp_straight / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 1, files  # one writer: rank 0's
+    events = EventAccumulator(str(files[0]))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
 
 
 def test_ddp_on_two_ranks_equals_one_rank_with_grad_accum_2(ddp_straight: Path, one_rank_accum2: Path) -> None:

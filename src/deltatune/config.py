@@ -178,6 +178,10 @@ class TrainConfig(Section):
     """Chat data: exact match of greedy replies on this many eval examples, before and after training."""
     log_every: int = Field(default=1, ge=1)
     """Write metrics every N steps."""
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)
+    """Experiment trackers that get every figure of metrics.jsonl, the resolved config and (MLflow) the delta:
+    `tensorboard` (event files in <output.dir>/tensorboard), `mlflow` (MLFLOW_TRACKING_URI, else ./mlruns);
+    `none` or [] for none. Needs the extra: pip install 'deltatune[track]'."""
     threads: int | None = Field(default=None, ge=1)
     """CPU threads for torch (default: all cores)."""
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
@@ -185,6 +189,19 @@ class TrainConfig(Section):
     (FSDP2; methods full and lora); `auto` is ddp. Ignored in a single process."""
     dist_timeout: float = Field(default=1800.0, gt=0)
     """Seconds a rank waits for the others (a collective, a barrier) before the job stops with an error."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        if value is None or value == "none":
+            return []
+        if isinstance(value, str):  # report_to=tensorboard,mlflow from the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and "none" in value:
+            if len(value) > 1:
+                raise ValueError("`none` cannot be combined with trackers; give [tensorboard, mlflow] or none")
+            return []
+        return value
 
 
 class OutputConfig(Section):

@@ -12,6 +12,7 @@ raises CompareInterrupted saying how to continue.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -184,7 +185,11 @@ def run_methods(plan: ComparePlan, *, fresh: bool = False, verbose: bool = False
     print a line per method start and finish with the overall ETA; return one record per method, in plan
     order. Raises CompareInterrupted on Ctrl-C, and on SIGTERM, which is handled the same way (the running
     method writes a checkpoint and stops; no further method starts)."""
-    with sigterm_as_interrupt():
+    with sigterm_as_interrupt(), contextlib.ExitStack() as stack:
+        if any("mlflow" in item.config.train.report_to for item in plan.methods):  # the methods: child runs
+            from deltatune.training.tracking import parent_run
+
+            stack.enter_context(parent_run(f"compare {plan.out.name}", {"deltatune.compare": str(plan.out)}))
         return _run_methods(plan, fresh=fresh, verbose=verbose, say=say)
 
 

@@ -201,17 +201,20 @@ class TimeBudget(Callback):
                     f"of {run.shape.total_steps}")
 
 
-def default_callbacks(cfg: RunConfig, out: Path, progress: bool, extra: list[Callback] | None = None
-                      ) -> list[Callback]:
+def default_callbacks(cfg: RunConfig, out: Path, progress: bool, extra: list[Callback] | None = None,
+                      is_main: bool = True) -> list[Callback]:
     """Return the callbacks of a run of ``cfg`` writing to ``out``: the built-in observers (metrics.jsonl, the
-    bar), then ``extra`` (the caller's), then the built-in actions (periodic evaluation and checkpoints, the
-    time budget), so that the caller's callbacks see each step before anything acts on it."""
+    bar, the trackers of ``train.report_to`` on rank 0), then ``extra`` (the caller's), then the built-in
+    actions (periodic evaluation and checkpoints, the time budget), so that the caller's callbacks see each step
+    before anything acts on it."""
     from deltatune.training.setup import METRICS_FILE
+    from deltatune.training.tracking import tracker_callbacks
 
     t = cfg.train
     callbacks: list[Callback] = [MetricsFile(out / METRICS_FILE, t.log_every)]
     if progress:
         callbacks.append(ProgressBar())
+    callbacks += tracker_callbacks(cfg, out, is_main)
     callbacks += extra or []
     if t.eval_every:
         callbacks.append(PeriodicEval(t.eval_every))

@@ -73,6 +73,7 @@ from deltatune.training.setup import (
 )
 from deltatune.training.shape import run_shape
 from deltatune.training.step import StepRun, probe_loss, run_step
+from deltatune.training.tracking import check_trackers
 
 
 class Interrupted(DeltatuneError):
@@ -327,6 +328,7 @@ class Recipe:
                                  "train.max_steps")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        check_trackers(cfg.train.report_to)  # a missing extra stops the run before any work
         # the user's data is read and checked before output.overwrite may clear an old run
         data = load_run_data(cfg, Path(cfg.output.dir), None) if cfg.data.train is not None else None
         self.out = ctx.main_first(lambda: prepare_output_dir(cfg, self.resumed, self.stack)) or Path(cfg.output.dir)
@@ -417,7 +419,8 @@ class Recipe:
             torch.set_rng_state(extra["rng_per_rank"][self.ctx.rank] if "rng_per_rank" in extra else extra["rng"])
             self.method.after_step(inner, self.state.step - 1, total)  # restore step-dependent state (a fixed mask)
             say(f"resumed from {self.last_ckpt} (step {self.state.step})")
-        self.callbacks = CallbackList(default_callbacks(cfg, self.out, self.progress, self.extra_callbacks))
+        self.callbacks = CallbackList(default_callbacks(cfg, self.out, self.progress, self.extra_callbacks,
+                                                        self.is_main))
         self.last_loss: float | None = None
 
     def _start_figures(self) -> None:
