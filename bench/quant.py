@@ -93,10 +93,10 @@ def worker_memory(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import deltatune as dt
+    from deltatune.compute.loss import causal_lm_loss_sum
     from deltatune.config import TrainConfig
     from deltatune.methods import trainable_parameters
     from deltatune.quantize import weight_bytes
-    from deltatune.training.loss import causal_lm_loss_sum
     from deltatune.training.optim import build_optimizer
 
     device = torch.device(args.device)

@@ -10,11 +10,11 @@ same order for every variant: speed.py's plan). The variants, each in its own pr
 
 - ``defaults``: what a user gets.
 - ``train.packed_attention=false``: packed rows under a (T, T) block-diagonal mask instead of causal sdpa per
-  example (training/attention.py).
+  example (compute/attention.py).
 - ``train.fused_modules=false``: the model's own RMSNorm and SwiGLU modules instead of the fused autograd
   functions (training/fused.py).
 - ``train.chunked_loss=false``: the output layer at the supervised positions, then the loss, instead of the
-  chunked output layer + cross-entropy (training/chunked_ce.py).
+  chunked output layer + cross-entropy (compute/chunked_ce.py).
 - ``train.pass_tokens=null``: each step's 8 examples as one packed row instead of rows of at most 640 tokens;
   and the same with the block-diagonal mask (attention's share grows with the row: the mask's cost shows there).
 

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
-import deltatune.training.chunked_ce as chunked_ce
-from deltatune.training.chunked_ce import linear_cross_entropy_sum, plain_output_layer
-from deltatune.training.loss import causal_lm_loss_sum
+import deltatune.compute.chunked_ce as chunked_ce
+from deltatune.compute.chunked_ce import linear_cross_entropy_sum, plain_output_layer
+from deltatune.compute.loss import causal_lm_loss_sum
 
 
 def tiny(tied: bool = True) -> LlamaForCausalLM:

@@ -328,8 +328,8 @@ def test_packed_row_equals_each_example_alone(tok: Any, attn: str) -> None:
 def test_packed_attention_equals_the_block_mask_and_leaves_padded_batches_alone(tok: Any) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from deltatune.training.attention import enable_packed_attention, packed_attention_enabled, restore_sdpa
-    from deltatune.training.loss import causal_lm_loss_sum
+    from deltatune.compute.attention import enable_packed_attention, packed_attention_enabled, restore_sdpa
+    from deltatune.compute.loss import causal_lm_loss_sum
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

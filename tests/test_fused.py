@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
+from deltatune.compute.loss import causal_lm_loss_sum
 from deltatune.config import ModelConfig
 from deltatune.quantize import enable_gradient_checkpointing
 from deltatune.training.fused import (
@@ -23,7 +24,6 @@ from deltatune.training.fused import (
     remove_fused_modules,
     use_fused_modules,
 )
-from deltatune.training.loss import causal_lm_loss_sum
 
 VOCAB = 128
 T = 24

@@ -92,7 +92,7 @@ def test_train_seconds_leave_out_evaluations_and_checkpoints(tiny_llama_dir: Pat
 def test_the_speed_techniques_switch_off_one_by_one_with_the_same_losses(
         tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import deltatune.training.loss as loss_module
+    import deltatune.compute.loss as loss_module
 
     data = write_chat_data(tmp_path / "d.jsonl", n=16)
     runs = {"on": (), "off": ("train.packed_attention=false", "train.fused_modules=false",

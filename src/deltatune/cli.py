@@ -592,7 +592,7 @@ def main(argv: Sequence[str] | None = None, *, callbacks: Sequence[Any] = ()) ->
             os._exit(code)
         return code
     except KeyboardInterrupt as stop:
-        from deltatune.training.loop import Terminated
+        from deltatune.training.signals import Terminated
 
         terminated = isinstance(stop, Terminated)
         print(f"deltatune: {'stopped by SIGTERM' if terminated else 'interrupted'}", file=sys.stderr)

@@ -261,8 +261,6 @@ def resolve_presets(tree: dict[str, Any]) -> dict[str, Any]:
     else:
         return tree
     try:
-        from deltatune.methods import method_config_class
-
         presets = method_config_class(name).presets
     except ValueError:
         return tree  # the method section reports the unknown name
@@ -285,9 +283,23 @@ def resolve_presets(tree: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _method_config(value: dict[str, Any]) -> MethodConfig:
-    from deltatune.methods import method_config_class
+_METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}  # filled by deltatune.methods' register_method
 
+
+def register_method_config(name: str, config_class: type[MethodConfig]) -> None:
+    """Make ``config_class`` the schema of ``method.name: <name>`` (called by the method registry, which sits
+    above the config schema: the schema never imports the methods)."""
+    _METHOD_CONFIGS[name] = config_class
+
+
+def method_config_class(name: str) -> type[MethodConfig]:
+    """Return the config class of method ``name``; raise ValueError listing the known names."""
+    if name not in _METHOD_CONFIGS:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(sorted(_METHOD_CONFIGS))}")
+    return _METHOD_CONFIGS[name]
+
+
+def _method_config(value: dict[str, Any]) -> MethodConfig:
     return method_config_class(str(value.get("name", "lora"))).model_validate(value)
 
 
@@ -384,11 +396,9 @@ def dump_config(cfg: RunConfig) -> str:
 
 def describe_keys() -> list[tuple[str, str, str]]:
     """Return ``(key, default, help)`` for every config key, for `--help` and the docs."""
-    from deltatune.methods import registered_methods
-
     rows: list[tuple[str, str, str]] = []
     sections: list[tuple[str, str, type[BaseModel]]] = [("model", "", ModelConfig), ("data", "", DataConfig)]
-    methods = registered_methods()
+    methods = dict(_METHOD_CONFIGS)
     rows_method = [("method", "", MethodConfig)]
     rows_method += [("method", f"[{name}] ", cls) for name, cls in methods.items()]
     sections += [*rows_method, ("train", "", TrainConfig), ("output", "", OutputConfig)]

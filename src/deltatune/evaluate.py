@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune.compute.attention import packed_attention_enabled
+from deltatune.compute.loss import causal_lm_loss_sum, classification_loss_sum
 from deltatune.data import Example, TokenizedExample, collate
 from deltatune.infer.generate import generate
-from deltatune.training.attention import packed_attention_enabled
-from deltatune.training.loss import causal_lm_loss_sum, classification_loss_sum
 
 
 @torch.no_grad()

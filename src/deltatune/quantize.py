@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from deltatune.errors import ConfigError, DeltatuneError
+from deltatune.modules import ADDED, output_layer_names
 
 QUANT_ATTR = "deltatune_quantization"
 """The attribute a quantized model carries: the QuantSpec as a dict (see :func:`quantization_of`)."""
@@ -168,8 +169,6 @@ def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device) -> n
     ``device`` (one layer at a time, so the float copies are freed as it goes), cast what stays
     unquantized (norms, embeddings, head) to float32, record the spec on the model
     (:func:`quantization_of`); return the model."""
-    from deltatune.methods.base import output_layer_names  # methods import this module: import late
-
     if device.type not in ("cpu", "cuda"):
         raise DeltatuneError(f"model.quantize: bitsandbytes runs on cpu and cuda, not on {device}")
     skip = output_layer_names(model)
@@ -237,8 +236,6 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     """Return the bytes of the base model's weights per storage type: ``nf4+dq``/``nf4``/``fp4``/``int8``
     for quantized linear layers (constants included), the dtype name for every other parameter. Modules
     a method added are left out; shared (tied) tensors count once."""
-    from deltatune.methods.base import ADDED
-
     out: dict[str, int] = {}
     seen: set[int] = set()
     for module in model.modules():

@@ -122,7 +122,7 @@ def main() -> int:
     from deltatune.config import config_from_dict
     from deltatune.errors import DeltatuneError
     from deltatune.files import write_text_atomic
-    from deltatune.training.loop import Interrupted
+    from deltatune.training.signals import Interrupted
 
     request = json.loads(sys.stdin.read())
     error_file = Path(request["error_file"])

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from deltatune.compare.child import RESULT_FILE
 from deltatune.compare.plan import ComparePlan, MethodPlan
 from deltatune.config import dump_config
-from deltatune.training.loop import Interrupted, Terminated, sigterm_as_interrupt
+from deltatune.training.signals import Interrupted, Terminated, sigterm_as_interrupt
 
 Start = Literal["skip", "resume", "fresh"]
 LOGS = "logs"

@@ -154,7 +154,7 @@ def collate(examples: Sequence[TokenizedExample], *, mode: str, pad_id: int, tas
     ``pack`` (causal LM): one row (1, T) with input_ids, labels (first label of each example -100),
     position_ids restarting per example, a (1, 1, T, T) block-causal attention_mask (additive float,
     see the module docstring) and seq_lens; with ``block_mask=False`` no mask, for a model whose attention
-    reads the example boundaries from seq_lens (training/attention.py). ``bucket``/``pad``: right-padded
+    reads the example boundaries from seq_lens (compute/attention.py). ``bucket``/``pad``: right-padded
     (B, T) input_ids, labels
     (-100 on padding), attention_mask (0/1 long) and position_ids (0 on padding). Classification is
     always padded (``pack`` too): input_ids, attention_mask, token_type_ids if any, labels (B,).

@@ -21,8 +21,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from deltatune.config import MethodConfig
+from deltatune.config import MethodConfig, register_method_config
+from deltatune.config import method_config_class as config_class_of
 from deltatune.errors import ConfigError, DeltatuneError
+from deltatune.modules import base_modules, mark_added, output_layer_names
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ def register_method(cls: type[Method]) -> type[Method]:
     if cls.name in _REGISTRY:
         raise RuntimeError(f"method {cls.name!r} registered twice")
     _REGISTRY[cls.name] = cls
+    register_method_config(cls.name, cls.config_class)
     return cls
 
 
@@ -121,11 +124,9 @@ def method_class(name: str) -> type[Method]:
 
 
 def method_config_class(name: str) -> type[MethodConfig]:
-    """Return the config class of method ``name`` (for validating the `method` section)."""
-    if name not in _REGISTRY:
-        known = ", ".join(sorted(_REGISTRY))
-        raise ValueError(f"unknown method {name!r}; choose one of: {known}")
-    return _REGISTRY[name].config_class
+    """Return the config class of method ``name`` (for validating the `method` section); raise ValueError
+    listing the known names."""
+    return config_class_of(name)
 
 
 def build_method(config: MethodConfig) -> Method:
@@ -135,19 +136,6 @@ def build_method(config: MethodConfig) -> Method:
 
 # ----------------------------------------------------------------------------------------------------
 # target discovery and freezing
-
-
-def output_layer_names(model: nn.Module) -> set[str]:
-    """Return the qualified names of the model's output head(s): never targets of `all-linear`."""
-    names: set[str] = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    for name, module in model.named_modules():
-        if out is not None and module is out:
-            names.add(name)
-        if name.split(".")[-1] in {"lm_head", "classifier", "score", "qa_outputs"}:
-            names.add(name)
-    return names
 
 
 def _layer_index(name: str) -> int | None:
@@ -196,25 +184,6 @@ def freeze(model: nn.Module) -> None:
     """Set ``requires_grad=False`` on every parameter of ``model``."""
     for p in model.parameters():
         p.requires_grad_(False)
-
-
-ADDED = "_deltatune_added"
-"""Attribute set on every module a method adds, so that a second method (``compose``) never targets it."""
-
-
-def mark_added(module: nn.Module, keep: nn.Module | None = None) -> None:
-    """Mark ``module`` and its submodules as added by a method, except ``keep``'s subtree (the wrapped
-    base layer, which stays a target for other methods)."""
-    kept = {id(m) for m in keep.modules()} if keep is not None else set()
-    for m in module.modules():
-        if id(m) not in kept:
-            setattr(m, ADDED, True)
-
-
-def base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Return ``(name, module)`` for the model's own modules (wrapped ones included, under their new
-    names such as ``q_proj.base_layer``), leaving out every module a method added."""
-    return [(n, m) for n, m in model.named_modules() if not getattr(m, ADDED, False)]
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -43,7 +43,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from deltatune.errors import DeltatuneError
-from deltatune.methods.base import mark_added
+from deltatune.modules import mark_added
 
 ATTR = "virtual_tokens"
 Kind = Literal["tokens", "kv"]

@@ -28,7 +28,8 @@ from deltatune.training.progress import MetricsLog, Progress
 
 if TYPE_CHECKING:
     from deltatune.config import RunConfig
-    from deltatune.training.loop import Recipe, TrainResult
+    from deltatune.training.loop import Recipe
+    from deltatune.training.result import TrainResult
 
 
 class Callback:

@@ -9,7 +9,7 @@ from torch import nn
 if TYPE_CHECKING:
     from deltatune.config import RunConfig
     from deltatune.methods import Method
-    from deltatune.training.loop import TrainResult
+    from deltatune.training.result import TrainResult
     from deltatune.training.setup import RunData
 
 

@@ -16,17 +16,15 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from deltatune.compute.attention import enable_packed_attention
 from deltatune.config import RunConfig, dump_config
 from deltatune.data import padding_waste, plan_batches
 from deltatune.delta import save_delta
@@ -35,7 +33,6 @@ from deltatune.evaluate import eval_loss, exact_match
 from deltatune.files import write_text_atomic
 from deltatune.methods import build_method, head_names, trainable_parameters
 from deltatune.models import load_model, prepare_for_training
-from deltatune.training.attention import enable_packed_attention
 from deltatune.training.callbacks import Callback, CallbackList, default_callbacks, format_figures
 from deltatune.training.card import model_card, summarize_parameters
 from deltatune.training.checkpoint import (
@@ -64,6 +61,7 @@ from deltatune.training.distributed import (
 from deltatune.training.fused import use_fused_modules
 from deltatune.training.optim import build_optimizer, build_scheduler, peak_learning_rates
 from deltatune.training.progress import read_metrics
+from deltatune.training.result import TrainResult
 from deltatune.training.setup import (
     METRICS_FILE,
     RUN_FILE,
@@ -72,39 +70,9 @@ from deltatune.training.setup import (
     tokenize_run_data,
 )
 from deltatune.training.shape import run_shape
+from deltatune.training.signals import Interrupted, Terminated, sigterm_as_interrupt
 from deltatune.training.step import StepRun, probe_loss, run_step
 from deltatune.training.tracking import check_trackers
-
-
-class Interrupted(DeltatuneError):
-    """Training was stopped with Ctrl-C or SIGTERM (in a single process, after a checkpoint was written).
-    ``exit_code`` is the shell's convention for the signal: 130 (SIGINT) or 143 (SIGTERM)."""
-
-    def __init__(self, message: str, exit_code: int = 130) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what schedulers and containers send to stop a job), raised where the run is, as Ctrl-C is."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block SIGTERM raises :class:`Terminated` (a KeyboardInterrupt), so a run stops as on Ctrl-C:
-    checkpoint, one line. Only the main thread can set a handler; elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class RankFailure(DeltatuneError):
@@ -115,24 +83,6 @@ class RankFailure(DeltatuneError):
     """
 
     exit_at_once = True
-
-
-@dataclass
-class TrainResult:
-    """What a finished run produced and measured."""
-
-    output_dir: Path
-    steps: int
-    train_loss: float | None
-    eval_start: dict[str, float] = field(default_factory=dict)
-    eval_end: dict[str, float] = field(default_factory=dict)
-    generation_start: dict[str, Any] = field(default_factory=dict)
-    generation_end: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    train_seconds: float = 0.0  # the step loop alone (no loading, no eval)
-    trainable_params: int = 0
-    total_params: int = 0
-    train_tokens: int = 0  # non-padding tokens the step loop of this call processed (since a resume)
 
 
 def _say(text: str) -> None:

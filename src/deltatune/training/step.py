@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
+from deltatune.compute.attention import packed_attention_enabled
+from deltatune.compute.loss import loss_sum
 from deltatune.data import TokenizedExample, collate, split_by_tokens
 from deltatune.methods import Method
-from deltatune.training.attention import packed_attention_enabled
 from deltatune.training.distributed import DistContext, as_float, micro_batch
-from deltatune.training.loss import loss_sum
 
 
 @dataclass

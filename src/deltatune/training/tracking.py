@@ -26,7 +26,8 @@ from deltatune.training.callbacks import Callback
 
 if TYPE_CHECKING:
     from deltatune.config import RunConfig
-    from deltatune.training.loop import Recipe, TrainResult
+    from deltatune.training.loop import Recipe
+    from deltatune.training.result import TrainResult
 
 EXTRA = "pip install 'deltatune[track]'"
 PARENT_RUN_ENV = "DELTATUNE_MLFLOW_PARENT_RUN"

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.training.attention import varlen_kwargs
-from deltatune.training.chunked_ce import hidden_states_at, linear_cross_entropy_sum, plain_output_layer
+from deltatune.compute.attention import varlen_kwargs
+from deltatune.compute.chunked_ce import hidden_states_at, linear_cross_entropy_sum, plain_output_layer
 
 IGNORE = -100
 
