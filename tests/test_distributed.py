@@ -140,7 +140,22 @@ def test_ddp_on_two_ranks_equals_one_rank_with_grad_accum_2(ddp_straight: Path, 
     assert [m["step"] for m in losses] == list(range(1, 9))  # written once (rank 0), not once per rank
     for got, ref in zip(losses, want, strict=True):  # loss and tokens reduced over the ranks
         assert got["tokens"] == ref["tokens"] and got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+        # the gradient itself, before Adam and clipping could hide a scale error (e.g. a lost 1/world factor)
+        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), got["step"]
     assert json.loads((ddp_straight / "checkpoints" / "step-000008" / "state.json").read_text())["world_size"] == 2
+
+
+def test_grad_accum_2_equals_one_batch_twice_the_size_step_by_step(one_rank_accum2: Path, tiny_llama_dir: Path,
+                                                                    chat_data: Path, tmp_path: Path) -> None:
+    """Accumulation against its oracle, the big batch: the same examples per step (the plan cuts one shuffled
+    order), so the same loss and gradient norm at every step."""
+    out = tmp_path / "big"
+    assert main(args(tiny_llama_dir, chat_data, out, "train.max_steps=8", "train.batch_size=8")) == 0
+    big = [m for m in metrics(out) if "loss" in m]
+    accumulated = [m for m in metrics(one_rank_accum2) if "loss" in m]
+    for got, ref in zip(accumulated, big, strict=True):
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5) and got["tokens"] == ref["tokens"]
+        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), got["step"]
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
