@@ -164,3 +164,38 @@ def test_steps_lower_the_loss_and_change_exactly_the_trainable(case: Case, kind:
     assert end < start
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == set(params)
+
+
+@pytest.mark.parametrize("case", METHODS, ids=lambda c: c.id)
+def test_disabled_computes_as_the_base_then_as_the_delta_again(case: Case, bases: dict[str, dt.LoadedModel]) -> None:
+    """Every method has a switch back to the base (a preference-tuning reference costs no second model);
+    full fine-tuning, which keeps no base copy, refuses with the reason."""
+    model = fresh(bases, "llama")
+    base_out = logits(model, "llama")
+    method = dt.attach(model, case.config)
+    randomize(model)
+    trained = logits(model, "llama")
+    assert (trained - base_out).abs().max() > 1e-4
+    if case.id == "full":
+        with pytest.raises(DeltatuneError, match="no disable switch: it trains every weight"), method.disabled(model):
+            pass
+        return
+    training = set(trainable_parameters(model))
+    with method.disabled(model):
+        off = logits(model, "llama")
+    if case.exact:
+        assert torch.equal(off, base_out)
+    else:
+        assert torch.allclose(off, base_out, atol=1e-6, rtol=0)
+    assert torch.equal(logits(model, "llama"), trained)  # switched back on: the trained delta, untouched
+    assert set(trainable_parameters(model)) == training  # the same parameters train as before the block
+
+
+def test_every_registered_method_meets_a_contract_matrix() -> None:
+    """A method registered without a place in a contract matrix fails here: this file's matrix, the prompt
+    methods' (test_prompt_methods.py), compose's and qlora's (their own files)."""
+    from deltatune.methods import registered_methods
+
+    elsewhere = {"prompt_tuning", "p_tuning", "prefix_tuning", "compose", "qlora"}
+    here = {case.config["name"] for case in METHODS}
+    assert set(registered_methods()) <= here | elsewhere, set(registered_methods()) - here - elsewhere

@@ -24,7 +24,7 @@ from torch import nn
 from deltatune.config import MethodConfig, register_method_config
 from deltatune.config import method_config_class as config_class_of
 from deltatune.errors import ConfigError, DeltatuneError
-from deltatune.modules import base_modules, mark_added, output_layer_names
+from deltatune.modules import ADDED, base_modules, mark_added, output_layer_names
 
 
 @dataclass(frozen=True)
@@ -93,12 +93,33 @@ class Method(ABC):
 
     @contextmanager
     def disabled(self, model: nn.Module) -> Iterator[None]:
-        """Within the block, the model computes as the base model (for evaluating the base)."""
-        raise DeltatuneError(f"method {self.name!r} has no disable switch")
-        yield  # pragma: no cover
+        """Within the block, the model computes as the base model (the reference model of preference tuning,
+        the base figures of an evaluation); after it, as before. This default puts every layer the method
+        wrapped back to its base layer for the block (all of a method's layers keep theirs as ``base_layer``);
+        methods that change base weights in place override it."""
+        swapped: list[tuple[nn.Module, str, nn.Module]] = []
+        try:
+            while (found := _outer_wrapper(model)) is not None:
+                name, wrapper = found
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, wrapper.base_layer)
+                swapped.append((parent, child, wrapper))
+            yield
+        finally:
+            for parent, child, wrapper in reversed(swapped):
+                setattr(parent, child, wrapper)
 
 
 _REGISTRY: dict[str, type[Method]] = {}
+
+
+def _outer_wrapper(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first module a method added that wraps a base layer (``base_layer``), with its name; None if none."""
+    for name, module in model.named_modules():
+        if name and getattr(module, ADDED, False) and isinstance(getattr(module, "base_layer", None), nn.Module):
+            return name, module
+    return None
 
 
 def register_method(cls: type[Method]) -> type[Method]:

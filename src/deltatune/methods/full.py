@@ -10,12 +10,15 @@ trained weights already are the model's weights.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from deltatune.config import MethodConfig
+from deltatune.errors import DeltatuneError
 from deltatune.methods.base import (
     PEFT_PREFIX,
     Method,
@@ -69,3 +72,11 @@ class FullMethod(Method):
     def merge(self, model: nn.Module) -> nn.Module:
         """Return the model: its weights already are the fine-tuned weights."""
         return model
+
+    @contextmanager
+    def disabled(self, model: nn.Module) -> Iterator[None]:
+        """Refused: full fine-tuning changes every weight and keeps no second copy of the base. Where the base's
+        outputs are needed (a preference reference), compute them before training instead."""
+        raise DeltatuneError("method 'full' has no disable switch: it trains every weight and keeps no copy of the "
+                             "base; compute what the base gives before training")
+        yield  # pragma: no cover

@@ -20,6 +20,8 @@ Both save exactly the trained tensors under ``base_model.model.<name>`` with the
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -71,6 +73,27 @@ class _OwnTensorsMethod(Method):
         """Return the config with this method's ``peft_type`` and the deltatune block."""
         return deltatune_adapter_config(self, model, base_model, self.peft_type)
 
+    def remember_base(self, model: nn.Module) -> None:
+        """Keep a copy of the base values of the parameters this method trains (called at the end of attach):
+        what :meth:`disabled` puts back. As large as the delta."""
+        self._base_values = {k: p.detach().clone() for k, p in _own(model).items()}
+
+    @contextmanager
+    def disabled(self, model: nn.Module) -> Iterator[None]:
+        """Within the block the trained parameters hold their base values (copied at attach); after it, their
+        trained values again."""
+        own = _own(model)
+        trained = {k: p.detach().clone() for k, p in own.items()}
+        try:
+            with torch.no_grad():
+                for k, p in own.items():
+                    p.copy_(self._base_values[k])
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in own.items():
+                    p.copy_(trained[k])
+
 
 class FreezeConfig(MethodConfig):
     recommended_lr: ClassVar[tuple[float, float]] = (1e-4, 5e-4)
@@ -111,6 +134,7 @@ class FreezeMethod(_OwnTensorsMethod):
         for name in chosen:
             model.get_submodule(name).requires_grad_(True)
         unfreeze_heads(model)
+        self.remember_base(model)
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:
@@ -174,6 +198,7 @@ class BitFitMethod(_OwnTensorsMethod):
         if not trainable_parameters(model):
             raise ConfigError(f"method.biases: {self.config.biases!r} selects no bias of this model; "
                               "set add_missing: true or choose other biases")
+        self.remember_base(model)
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:
