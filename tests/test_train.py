@@ -346,3 +346,62 @@ def test_the_model_card_names_peft_only_for_deltas_peft_loads(tiny_llama_dir: Pa
         card = (out / "README.md").read_text()
         assert loader in card
         assert ("PeftModel.from_pretrained" in card) == (method == "lora")
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_any_moment_leaves_a_checkpoint_that_resumes_to_the_uninterrupted_result(
+        tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A real SIGINT (``_thread.interrupt_main``) at points spread over many steps, wherever the loop is (inside
+    a step, between the optimizer step and the counters, in a callback): each run stops with a checkpoint and
+    resumes to the very delta an uninterrupted run writes."""
+    import _thread
+    import threading
+    import time
+
+    import deltatune as dt
+    from deltatune.errors import DeltatuneError
+
+    data = write_chat_data(tmp_path / "d.jsonl")
+
+    def cfg(out: Path) -> object:
+        return dt.load_config(None, [f"model.name={tiny_llama_dir}", f"data.train={data}", "data.eval=null",
+                                     "method.r=4", "train.batch_size=4", "train.max_steps=12", "train.lr=1e-3",
+                                     f"output.dir={out}"])
+
+    class StepClock(dt.Callback):
+        def on_train_start(self, run: object) -> None:
+            self.started = time.perf_counter()
+
+        def on_fit_end(self, run: object) -> None:
+            self.seconds = time.perf_counter() - self.started
+
+    clock = StepClock()
+    dt.train(cfg(tmp_path / "straight"), progress=False, callbacks=[clock])
+    want = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+
+    class CtrlCAfter(dt.Callback):  # a signal at ``delay`` into the loop, none once the loop has ended
+        def __init__(self, delay: float) -> None:
+            self.delay, self.ended = delay, False
+
+        def fire(self) -> None:
+            if not self.ended:
+                _thread.interrupt_main()
+
+        def on_train_start(self, run: object) -> None:
+            threading.Timer(self.delay, self.fire).start()
+
+        def on_fit_end(self, run: object) -> None:
+            self.ended = True
+
+    interrupted = 0
+    for k, share in enumerate((0.13, 0.29, 0.46, 0.61, 0.83)):  # of the loop's duration: different points
+        out = tmp_path / f"run{k}"
+        try:
+            dt.train(cfg(out), progress=False, callbacks=[CtrlCAfter(share * clock.seconds)])
+        except DeltatuneError as err:
+            assert "interrupted at step" in str(err) and "checkpoint written" in str(err)
+            interrupted += 1
+            dt.train(cfg(out), resume=True, progress=False)
+        got = load_file(out / "adapter_model.safetensors")
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want), k
+    assert interrupted >= 3  # the signals did land inside the loop

@@ -18,7 +18,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ from deltatune.training.setup import (
     tokenize_run_data,
 )
 from deltatune.training.shape import run_shape
-from deltatune.training.signals import Interrupted, Terminated, sigterm_as_interrupt
+from deltatune.training.signals import Interrupted, Terminated, interrupts_between_steps, sigterm_as_interrupt
 from deltatune.training.step import StepRun, probe_loss, run_step
 from deltatune.training.tracking import check_trackers
 
@@ -140,6 +140,7 @@ class Recipe:
         self.say = _say if ctx.is_main else _quiet
         self.is_main = ctx.is_main
         self.stop_requested = False
+        self._fit_ended = False
         self.paused = 0.0  # seconds of evaluations and checkpoints inside the step loop
 
     # ---- the recipe ------------------------------------------------------------------------------------
@@ -170,14 +171,24 @@ class Recipe:
         t, ctx, state = self.cfg.train, self.ctx, self.state
         self.callbacks.on_train_start(self)
         self.loop_started = time.perf_counter()
-        self.tokens_before = tokens_done = state.tokens_seen
+        self.tokens_before = state.tokens_seen
         self.model.train()
         run = StepRun(self.model, self.inner, self.method, self.train_set, self.shape.mode, self.pad_id, self.task,
                       self.device, t, self.params, self.optimizer, ctx)
+        with interrupts_between_steps() as between_steps:
+            self._steps(run, between_steps)
+            self._fit_ended = True
+            self.callbacks.on_fit_end(self)
+            between_steps()  # a Ctrl-C during the last step or on_fit_end: stopped as interrupted, with its checkpoint
+
+    def _steps(self, run: StepRun, between_steps: Callable[[], None]) -> None:
+        """The steps of :meth:`fit`; ``between_steps`` raises a Ctrl-C or SIGTERM that arrived meanwhile."""
+        t, ctx, state, tokens_done = self.cfg.train, self.ctx, self.state, self.tokens_before
         while state.step < self.shape.total_steps and not self.stop_requested:
             plan = plan_batches(self.lengths, batch_size=t.batch_size, mode=self.shape.mode, seed=t.seed,
                                 epoch=state.epoch)
             while state.cursor < len(plan) and state.step < self.shape.total_steps and not self.stop_requested:
+                between_steps()
                 group = plan[state.cursor:state.cursor + self.shape.micro_per_step]
                 share = step_share(group, ctx.rank, ctx.world) if ctx.enabled else [(idx, True) for idx in group]
                 self.step_examples = [i for idx, real in share if real for i in idx]  # this rank's, for callbacks
@@ -195,7 +206,6 @@ class Recipe:
                     "step_tokens": tokens})
             if state.cursor >= len(plan):
                 state.epoch, state.cursor = state.epoch + 1, 0
-        self.callbacks.on_fit_end(self)
 
     def save(self) -> TrainResult:
         """Write the last checkpoint, finalize the method, evaluate, and write the delta with its model card."""
@@ -221,7 +231,8 @@ class Recipe:
     def interrupted(self, stop: KeyboardInterrupt) -> None:
         """Ctrl-C or SIGTERM during the loop: a checkpoint (single process), then Interrupted with the way on."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.callbacks.on_fit_end(self)
+        if not self._fit_ended:
+            self.callbacks.on_fit_end(self)
         how, code = ("stopped by SIGTERM", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
         step = self.state.step
         if self.ctx.enabled:  # the ranks may stop at different points, so no collective (no checkpoint) is safe

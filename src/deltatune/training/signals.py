@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from deltatune.errors import DeltatuneError
@@ -40,3 +40,31 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def interrupts_between_steps() -> Iterator[Callable[[], None]]:
+    """Within the block, Ctrl-C and SIGTERM are held and raised only where the returned ``check()`` is called
+    (the loop calls it between steps), as KeyboardInterrupt or :class:`Terminated`. So an interrupt never lands
+    between an optimizer step and the counters that record it, and the checkpoint it writes resumes exactly.
+    Only the main thread can hold signals; elsewhere ``check()`` does nothing."""
+    pending: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        pending.append(signum)
+
+    def check() -> None:
+        if pending:
+            first = pending[0]
+            pending.clear()
+            raise Terminated if first == signal.SIGTERM else KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield check
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
