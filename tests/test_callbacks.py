@@ -89,3 +89,4 @@ def test_the_step_count_rule_takes_accumulation_ranks_and_epochs() -> None:
     assert run_shape(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 5})}),
                      task="causal_lm", examples=50).total_steps == 5
     assert batching_mode(cfg.data, "causal_lm") == "pack" and batching_mode(cfg.data, "classification") == "bucket"
+

@@ -126,11 +126,20 @@ def load_run_data(cfg: RunConfig, out_dir: Path, demo_dir: Path | None = None) -
 
 def tokenize_run_data(cfg: RunConfig, data: RunData, tokenizer: Any
                       ) -> tuple[list[TokenizedExample], list[TokenizedExample], TokenizeReport]:
-    """Tokenize both splits with the run's settings; return (train, eval, train report)."""
+    """Tokenize both splits with the run's settings, or take them from the cache when the same data, tokenizer and
+    settings were tokenized before (``tokenized_cache``); return (train, eval, train report)."""
+    from deltatune.training.tokenized_cache import cache_key, cached_tokenization
+
     kwargs = {"task": data.task, "max_length": cfg.data.max_length, "truncation": cfg.data.truncation,
               "train_on_prompt": cfg.data.train_on_prompt, "label2id": data.label2id}
-    train, report = tokenize_examples(data.train, tokenizer, **kwargs)
-    evals, _ = tokenize_examples(data.eval, tokenizer, **kwargs) if data.eval else ([], None)
+
+    def compute() -> tuple[list[TokenizedExample], list[TokenizedExample], TokenizeReport]:
+        train, report = tokenize_examples(data.train, tokenizer, **kwargs)
+        evals, _ = tokenize_examples(data.eval, tokenizer, **kwargs) if data.eval else ([], None)
+        return train, evals, report
+
+    key = cache_key({"train": data.train, "eval": data.eval}, tokenizer, kwargs)
+    train, evals, report, _ = cached_tokenization(key, compute)
     if not train:
         raise DataError(f"{data.train_path}: no example left after tokenization ({report.summary()}); "
                         "raise data.max_length or set data.truncation=truncate")
