@@ -151,30 +151,37 @@ class MetricsFile(Callback):
             self.log.close()
 
 
-class PeriodicEval(Callback):
-    """Evaluate every ``every`` steps (not at the last: the final evaluation follows)."""
+class Periodic(Callback):
+    """Acts every ``every`` steps, but not at the last (the run's own final evaluation and checkpoint follow)."""
 
     def __init__(self, every: int) -> None:
         self.every = every
 
     def on_step_end(self, run: Recipe, metrics: dict[str, Any]) -> None:
-        """Evaluate when the step is a multiple of ``every``."""
+        """Act when the step is a multiple of ``every``."""
         step = metrics["step"]
         if step % self.every == 0 and step < run.shape.total_steps:
-            run.evaluate()
+            self.act(run)
+
+    def act(self, run: Recipe) -> None:
+        """What to do on those steps."""
+        raise NotImplementedError
 
 
-class PeriodicCheckpoint(Callback):
-    """Write a checkpoint every ``every`` steps (not at the last: the final one follows)."""
+class PeriodicEval(Periodic):
+    """Evaluate every ``train.eval_every`` steps."""
 
-    def __init__(self, every: int) -> None:
-        self.every = every
+    def act(self, run: Recipe) -> None:
+        """Evaluate."""
+        run.evaluate()
 
-    def on_step_end(self, run: Recipe, metrics: dict[str, Any]) -> None:
-        """Checkpoint when the step is a multiple of ``every``."""
-        step = metrics["step"]
-        if step % self.every == 0 and step < run.shape.total_steps:
-            run.checkpoint()
+
+class PeriodicCheckpoint(Periodic):
+    """Write a checkpoint every ``train.save_every`` steps."""
+
+    def act(self, run: Recipe) -> None:
+        """Checkpoint."""
+        run.checkpoint()
 
 
 class TimeBudget(Callback):
