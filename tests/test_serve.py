@@ -494,6 +494,12 @@ def test_deltas_are_added_and_removed_while_running_only_when_allowed(server: Se
         reply = api.chat.completions.create(model="late", messages=[{"role": "user", "content": PROMPTS[0]}],
                                             max_tokens=6, temperature=0)
         assert reply.choices[0].message.content.strip() == reference(deltas["ia3"], tiny_llama_dir, PROMPTS[:1], 6)[0]
+        viewed = httpx.post(url + "load_lora_adapter", json={"lora_name": "ad", "lora_path": str(deltas["adapter"])})
+        assert viewed.status_code == 200, viewed.text  # a method served on its own view of the base, too
+        reply = api.chat.completions.create(model="ad", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                            max_tokens=6, temperature=0)
+        want = reference(deltas["adapter"], tiny_llama_dir, PROMPTS[:1], 6)[0]
+        assert reply.choices[0].message.content.strip() == want
         outside = tmp_path / "elsewhere"
         shutil.copytree(deltas["bitfit"], outside)
         refused = httpx.post(url + "load_lora_adapter", json={"lora_name": "o", "lora_path": str(outside)})

@@ -540,8 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load the base once and every delta on it, and answer the OpenAI API "
                                    "(/v1/chat/completions, /v1/completions, /v1/models, /health); the request's "
                                    "`model` picks the delta. Requests for different deltas share one batch "
-                                   "(LoRA, IA3, BitFit, prompt tuning). Ctrl-C or SIGTERM: requests in flight "
-                                   "finish, then the server exits.")
+                                   "(LoRA and DoRA, IA3, BitFit, prompt tuning, p-tuning, prefix tuning); the "
+                                   "other methods run in turns on views of the base. Ctrl-C or SIGTERM: requests "
+                                   "in flight finish, then the server exits.")
     p.add_argument("deltas", nargs="*", help="delta folders, as PATH (named after the folder) or NAME=PATH")
     p.add_argument("--base", metavar="MODEL", help="the base model (default: the one the first delta was "
                                                    "trained on); alone, it serves the base")
@@ -559,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "installed; GPUs, several machines)")
     p.add_argument("--allow-delta-updates", action="store_true",
                    help="accept POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's request shape, any "
-                        "method served per row) for folders under --delta-root")
+                        "method) for folders under --delta-root")
     p.add_argument("--delta-root", metavar="DIR", help="the only folder deltas may be loaded from at run time")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="the base's weights (auto: float32 on a CPU)")

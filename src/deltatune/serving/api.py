@@ -119,7 +119,7 @@ class CompletionBody(_Sampling):
 
 
 class LoadDeltaBody(BaseModel):
-    """POST /v1/load_lora_adapter (vLLM's shape; any method the server applies per row)."""
+    """POST /v1/load_lora_adapter (vLLM's shape; a delta of any method)."""
 
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
