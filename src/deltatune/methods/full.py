@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -21,9 +21,7 @@ from deltatune.config import MethodConfig
 from deltatune.errors import DeltatuneError
 from deltatune.methods.base import (
     PEFT_PREFIX,
-    Method,
-    copy_checked,
-    deltatune_adapter_config,
+    OwnedTensorsMethod,
     register_method,
     trainable_parameters,
 )
@@ -42,12 +40,13 @@ def own_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 @register_method
-class FullMethod(Method):
+class FullMethod(OwnedTensorsMethod):
     """Full fine-tuning (see the module docstring)."""
 
     name = "full"
     config_class = FullConfig
     mergeable = True
+    peft_type = "FULL"
 
     def attach(self, model: nn.Module) -> nn.Module:
         """Give every parameter ``requires_grad=True``; returns the model unchanged otherwise."""
@@ -57,17 +56,9 @@ class FullMethod(Method):
             p.requires_grad_(True)
         return model
 
-    def delta_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def owned_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Return every parameter under ``base_model.model.<name>``."""
-        return {k: p.detach() for k, p in own_parameters(model).items()}
-
-    def load_delta_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy the saved weights over the model's; raise if names or shapes disagree."""
-        copy_checked(dict(own_parameters(model)), tensors, self.name)
-
-    def adapter_config(self, model: nn.Module, base_model: str) -> dict[str, Any]:
-        """Return the config with ``peft_type: "FULL"`` and the deltatune block."""
-        return deltatune_adapter_config(self, model, base_model, "FULL")
+        return dict(own_parameters(model))
 
     def merge(self, model: nn.Module) -> nn.Module:
         """Return the model: its weights already are the fine-tuned weights."""

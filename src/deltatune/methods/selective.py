@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -33,11 +33,9 @@ from deltatune.errors import ConfigError
 from deltatune.methods.base import (
     FFN_LINEAR,
     PEFT_PREFIX,
-    Method,
+    OwnedTensorsMethod,
     base_modules,
     block_names,
-    copy_checked,
-    deltatune_adapter_config,
     find_targets,
     freeze,
     match_modules,
@@ -56,22 +54,14 @@ def _own(model: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{PEFT_PREFIX}{n}": p for n, p in trainable_parameters(model).items()}
 
 
-class _OwnTensorsMethod(Method):
+class _OwnTensorsMethod(OwnedTensorsMethod):
     """A method whose trainable state is a subset of the model's own parameters, saved by name."""
 
     peft_type = ""
 
-    def delta_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def owned_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Return every trainable parameter under ``base_model.model.<name>``."""
-        return {k: p.detach() for k, p in _own(model).items()}
-
-    def load_delta_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy the saved tensors over the model's; raise if names or shapes disagree."""
-        copy_checked(_own(model), tensors, self.name)
-
-    def adapter_config(self, model: nn.Module, base_model: str) -> dict[str, Any]:
-        """Return the config with this method's ``peft_type`` and the deltatune block."""
-        return deltatune_adapter_config(self, model, base_model, self.peft_type)
+        return dict(_own(model))
 
     def remember_base(self, model: nn.Module) -> None:
         """Keep a copy of the base values of the parameters this method trains (called at the end of attach):
