@@ -358,6 +358,8 @@ def test_the_command_serves_until_sigterm_then_finishes_in_flight_requests_and_e
     import sys
     import threading
 
+    import httpx
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -385,7 +387,12 @@ def test_the_command_serves_until_sigterm_then_finishes_in_flight_requests_and_e
 
         worker = threading.Thread(target=long_request)
         worker.start()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # SIGTERM once the request is in flight (counted, not guessed)
+            health = httpx.get(f"http://127.0.0.1:{port}/health", headers={"Authorization": "Bearer k3y"}, timeout=5)
+            if health.json().get("busy"):
+                break
+            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         worker.join(timeout=60)
         _, err = proc.communicate(timeout=60)

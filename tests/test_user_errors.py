@@ -37,7 +37,7 @@ from deltatune.models import load_model
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 needs_file_modes = pytest.mark.skipif(IS_ROOT, reason="root reads files whatever their mode; the setpriv test and "
                                                       "test_unreadable_data_file_is_one_line cover it")
-QUICK_SECONDS = 5.0  # a case marked quick must fail this fast: no model load, no network retries
+QUICK_SECONDS = 10.0  # a case marked quick must fail this fast: no model load (20 s+), no network retries
 
 CHAT = [{"messages": [{"role": "user", "content": f"What is {i} + 1?"},
                       {"role": "assistant", "content": str(i + 1)}]} for i in range(8)]

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API over the engine (FastAPI): the official ``openai`` client works unchanged.
 
-    GET  /health                     {"status": "ok", "deltas": N, "busy": M}
+    GET  /health                     {"status": "ok", "deltas": N, "busy": M, "memory_mb": {...}}
     GET  /v1/models                  the base and every delta
     POST /v1/chat/completions        messages -> reply (``stream``: server-sent events, ``data: [DONE]`` last)
     POST /v1/completions             prompt -> continuation
