@@ -155,8 +155,14 @@ class Recipe:
             self.interrupted(stop)
         result = self.save()
         result.seconds = time.perf_counter() - started
-        self.callbacks.on_train_end(self, result)
+        self.cleanup(result)
         return result
+
+    def cleanup(self, result: TrainResult | None) -> None:
+        """End the run's callbacks (trackers close their runs, files are closed); ``result`` is None when the run
+        was interrupted. The output folder's lock is released by the caller's ExitStack, the process group by
+        ``train``."""
+        self.callbacks.on_train_end(self, result)
 
     def setup(self) -> None:
         """Read the data, prepare the output folder, load the model, attach the method, build the optimizer and
@@ -237,11 +243,11 @@ class Recipe:
         step = self.state.step
         if self.ctx.enabled:  # the ranks may stop at different points, so no collective (no checkpoint) is safe
             done = checkpoint_dirs(self.out)[-1:] or ["none"]
-            self.callbacks.on_train_end(self, None)
+            self.cleanup(None)
             raise Interrupted(f"{how} at step {step}; last complete checkpoint: {done[0]}; "
                               "continue with the same command and --resume", code) from None
         ckpt = self.checkpoint()
-        self.callbacks.on_train_end(self, None)
+        self.cleanup(None)
         raise Interrupted(f"{how} at step {step}; checkpoint written to {ckpt}; "
                           "continue with the same command and --resume", code) from None
 
