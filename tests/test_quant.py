@@ -229,3 +229,24 @@ def test_model_quantization_options_validate() -> None:
         load_config(None, ["model.quantize=nf2"])
     with pytest.raises(ConfigError, match=r"train.optimizer"):
         load_config(None, ["train.optimizer=sgd"])
+
+
+@pytest.mark.parametrize("config", ["qlora", {"name": "compose", "methods": [{"name": "lora", "r": 2},
+                                                                            {"name": "bitfit"}]}],
+                         ids=["qlora", "compose"])
+def test_disabled_gives_the_base_for_qlora_and_compose(config: object, bases: dict[str, dt.LoadedModel]) -> None:
+    """The contract's disable switch for the two methods outside the main matrix: LoRA over the NF4 base, and
+    a composition (each part switched off)."""
+    model = copy.deepcopy(bases["nf4" if config == "qlora" else "none"].model)
+    base = logits(model)
+    method = dt.attach(model, config)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.05)
+    trained = logits(model)
+    assert (trained - base).abs().max() > 1e-4
+    with method.disabled(model):
+        assert torch.allclose(logits(model), base, atol=1e-6, rtol=0)
+    assert torch.equal(logits(model), trained)

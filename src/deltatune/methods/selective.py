@@ -66,13 +66,15 @@ class _OwnTensorsMethod(OwnedTensorsMethod):
     def remember_base(self, model: nn.Module) -> None:
         """Keep a copy of the base values of the parameters this method trains (called at the end of attach):
         what :meth:`disabled` puts back. As large as the delta."""
-        self._base_values = {k: p.detach().clone() for k, p in _own(model).items()}
+        base = {id(p) for _, m in base_modules(model) for p in m.parameters(recurse=False)}  # not another method's
+        self._base_values = {k: p.detach().clone() for k, p in _own(model).items() if id(p) in base}
 
     @contextmanager
     def disabled(self, model: nn.Module) -> Iterator[None]:
         """Within the block the trained parameters hold their base values (copied at attach); after it, their
         trained values again."""
-        own = _own(model)
+        live = _own(model)  # in a composition also the other methods' tensors: only this method's are swapped
+        own = {k: live[k] for k in self._base_values if k in live}
         trained = {k: p.detach().clone() for k, p in own.items()}
         try:
             with torch.no_grad():
