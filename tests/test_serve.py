@@ -76,8 +76,7 @@ def test_a_mixed_batch_of_deltas_gives_each_deltas_own_greedy_reply(deltas: dict
                             add_special_tokens=False)["input_ids"]
             served = bank.deltas.get(name)
             engine.submit(Request(ids, served.slot if served else 0, SamplingParams(max_tokens=6, temperature=0),
-                                  emit=events.append, prefix=served.prefix if served else None,
-                                  group=served.group if served else 0))
+                                  emit=events.append))
             jobs[name, prompt] = events
     engine.start()
     deadline = time.monotonic() + 60
@@ -108,7 +107,7 @@ def test_requests_joining_a_running_batch_mid_way_still_get_their_own_greedy_rep
                             add_special_tokens=False)["input_ids"]
             engine.submit(Request(ids, served.slot, SamplingParams(max_tokens=4 + 2 * i, temperature=0,
                                                                    ignore_eos=True),
-                                  emit=events.append, prefix=served.prefix))
+                                  emit=events.append))
             jobs[name, prompt] = events
             deadline = time.monotonic() + 10
             while not events and time.monotonic() < deadline:  # join once the batch is running
@@ -186,7 +185,7 @@ def test_a_delta_on_its_own_view_waits_for_the_running_batch_and_then_gets_its_t
 
     def submit(name: str) -> Request:
         served = bank.deltas[name]
-        request = Request([1, 2, 3], served.slot, SamplingParams(), emit=lambda e: None, group=served.group)
+        request = Request([1, 2, 3], served.slot, SamplingParams(), emit=lambda e: None)
         engine.submit(request)
         return request
 

@@ -224,9 +224,7 @@ def build_app(engine: Engine, *, api_key: str | None = None, default_max_tokens:
                            param="messages" if chat else "prompt", code="context_length_exceeded")
         events: asyncio.Queue[Event] = asyncio.Queue()
         box = mailbox(asyncio.get_running_loop())
-        job = EngineRequest(prompt_ids=ids, slot=slot, params=params, prefix=prefix,
-                            group=served.group if served is not None else 0,
-                            emit=lambda event: box.post(events, event))
+        job = EngineRequest(prompt_ids=ids, slot=slot, params=params, emit=lambda event: box.post(events, event))
         try:
             engine.submit(job)
         except QueueFull as err:

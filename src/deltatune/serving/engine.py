@@ -75,8 +75,10 @@ class Request:
     slot: int
     params: SamplingParams
     emit: Callable[[Event], None]
+    # set by Engine.submit from the delta in ``slot``: its prompt methods' cached prefix, and its batch group (0:
+    # served per row with the base; else its slot, for a delta served on its own view)
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    group: int = 0  # 0: served per row with the base; else the slot of a delta served on its own view
+    group: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
     sent: str = ""
@@ -109,7 +111,6 @@ class Engine:
         dtype = self.model.get_input_embeddings().weight.dtype
         self.kv = KVSlots(layers, kv_heads, head_dim, max_batch, dtype, self.device)
         self._boolean_mask = getattr(self.model.config, "_attn_implementation", "eager") == "sdpa"
-        self._group: int | None = None
 
     # ---- outside the engine thread ---------------------------------------------------------------------
 
@@ -123,7 +124,11 @@ class Engine:
         self._loop()
 
     def submit(self, request: Request) -> None:
-        """Queue ``request``; raise QueueFull when ``max_queue`` requests already wait."""
+        """Queue ``request`` (its delta's prefix and batch group taken from the bank); raise QueueFull when
+        ``max_queue`` requests already wait."""
+        served = self.bank.by_slot(request.slot)
+        request.prefix = served.prefix if served is not None else None
+        request.group = served.group if served is not None else 0
         with self._cv:
             if self._closing:
                 raise QueueFull("the server is shutting down")
@@ -214,14 +219,13 @@ class Engine:
         (call with the lock). Another group's waiting request closes admission until the batch has drained."""
         room = self.max_batch - len(self._rows)
         taken: list[Request] = []
-        if not self._rows:
-            if not self._waiting:
-                return taken
-            self._group = self._waiting[0].group  # the request waiting longest: its group goes next
-        elif any(r.group != self._group and not r.cancelled.is_set() for r in self._waiting):
+        if not self._rows and not self._waiting:
+            return taken
+        group = self._rows[0].group if self._rows else self._waiting[0].group  # else the longest waiter's goes next
+        if self._rows and any(r.group != group and not r.cancelled.is_set() for r in self._waiting):
             return taken  # another group waits: this batch drains first
         while room > 0:
-            mine = [r for r in self._waiting if r.group == self._group]
+            mine = [r for r in self._waiting if r.group == group]
             if not mine:
                 break
             slots = sorted({r.slot for r in mine})
