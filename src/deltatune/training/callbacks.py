@@ -54,6 +54,12 @@ class Callback:
         """Called last, with the result (None when the run was interrupted)."""
 
 
+def logged_step(run: Recipe, step: int) -> bool:
+    """Whether ``step``'s figures are logged (metrics.jsonl, the trackers): every ``train.log_every`` steps and
+    the last."""
+    return step % run.cfg.train.log_every == 0 or step == run.shape.total_steps
+
+
 class CallbackList(Callback):
     """Calls each callback in turn."""
 
@@ -122,8 +128,8 @@ class MetricsFile(Callback):
     """``metrics.jsonl`` in the output folder (rank 0): every ``log_every`` steps and the last, and every
     evaluation. On resume, lines logged after the checkpoint are dropped (they are logged again)."""
 
-    def __init__(self, path: Path, log_every: int) -> None:
-        self.path, self.log_every = path, log_every
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self.log: MetricsLog | None = None
 
     def on_train_start(self, run: Recipe) -> None:
@@ -137,8 +143,8 @@ class MetricsFile(Callback):
         return self.log
 
     def on_step_end(self, run: Recipe, metrics: dict[str, Any]) -> None:
-        """Write the step's figures every ``log_every`` steps and at the last."""
-        if metrics["step"] % self.log_every == 0 or metrics["step"] == run.shape.total_steps:
+        """Write the step's figures on the logged steps (:func:`logged_step`)."""
+        if logged_step(run, metrics["step"]):
             self._open(run).write({k: v for k, v in metrics.items() if k != "step_tokens"})
 
     def on_eval(self, run: Recipe, metrics: dict[str, Any]) -> None:
@@ -219,7 +225,7 @@ def default_callbacks(cfg: RunConfig, out: Path, progress: bool, extra: list[Cal
     from deltatune.training.tracking import tracker_callbacks
 
     t = cfg.train
-    callbacks: list[Callback] = [MetricsFile(out / METRICS_FILE, t.log_every)]
+    callbacks: list[Callback] = [MetricsFile(out / METRICS_FILE)]
     if progress:
         callbacks.append(ProgressBar())
     callbacks += tracker_callbacks(cfg, out, is_main)

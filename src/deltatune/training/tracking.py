@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deltatune.errors import DeltatuneError
-from deltatune.training.callbacks import Callback
+from deltatune.training.callbacks import Callback, logged_step
 
 if TYPE_CHECKING:
     from deltatune.config import RunConfig
@@ -126,7 +126,7 @@ class TensorBoardTracker(Callback):
     def on_step_end(self, run: Recipe, metrics: dict[str, Any]) -> None:
         """Log the step's figures (on the steps metrics.jsonl logs)."""
         step = metrics["step"]
-        if step % self.cfg.train.log_every == 0 or step == run.shape.total_steps:
+        if logged_step(run, step):
             for key in STEP_KEYS:
                 if isinstance(metrics.get(key), (int, float)):
                     self._open().add_scalar(f"train/{key}", metrics[key], step)
@@ -195,7 +195,7 @@ class MLflowTracker(Callback):
     def on_step_end(self, run: Recipe, metrics: dict[str, Any]) -> None:
         """Log the step's figures (on the steps metrics.jsonl logs)."""
         step = metrics["step"]
-        if step % self.cfg.train.log_every == 0 or step == run.shape.total_steps:
+        if logged_step(run, step):
             self._metrics({k: metrics[k] for k in STEP_KEYS if k in metrics}, step)
 
     def on_eval(self, run: Recipe, metrics: dict[str, Any]) -> None:
