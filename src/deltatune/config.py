@@ -189,6 +189,23 @@ class TrainConfig(Section):
     (FSDP2; methods full and lora); `auto` is ddp. Ignored in a single process."""
     dist_timeout: float = Field(default=1800.0, gt=0)
     """Seconds a rank waits for the others (a collective, a barrier) before the job stops with an error."""
+    objective: Literal["sft", "dpo", "ipo", "simpo", "orpo"] = "sft"
+    """`sft`: supervised fine-tuning. Preference tuning on pairs (prompt, chosen, rejected): `dpo` (Rafailov et al.
+    2023), `ipo` (Azar et al. 2023), `simpo` (Meng et al. 2024), `orpo` (Hong et al. 2024); dpo and ipo compare
+    with the reference model (the base: the delta switched off), simpo and orpo need none."""
+    beta: float | None = Field(default=None, gt=0)
+    """Preference objectives: the reward scale beta (IPO's tau); null: 0.1 for dpo and ipo, 2.0 for simpo
+    (ORPO's weight is train.orpo_lambda)."""
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+    """dpo: the assumed share of flipped preference labels (conservative DPO); 0: plain DPO."""
+    simpo_gamma: float = Field(default=0.5, ge=0)
+    """simpo: the target reward margin gamma."""
+    orpo_lambda: float = Field(default=0.1, gt=0)
+    """orpo: the weight lambda of the odds-ratio term beside the chosen reply's NLL."""
+    precompute_ref: bool = False
+    """dpo/ipo: compute the reference log-probabilities of every pair once before training and keep them with the
+    run (reference_logps.safetensors; --resume reads them) instead of a reference forward per step. Always on
+    for `full`, which keeps no copy of the base."""
 
     @field_validator("report_to", mode="before")
     @classmethod

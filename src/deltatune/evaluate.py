@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -10,7 +11,9 @@ from torch import nn
 
 from deltatune.compute.attention import packed_attention_enabled
 from deltatune.compute.loss import causal_lm_loss_sum, classification_loss_sum
-from deltatune.data import Example, TokenizedExample, collate
+from deltatune.compute.preference import STAT_KEYS, PreferenceObjective, reply_logps
+from deltatune.data import Example, TokenizedExample, collate, split_by_tokens
+from deltatune.data.pairs import TokenizedPair, collate_pairs
 from deltatune.infer.generate import generate
 
 
@@ -49,6 +52,43 @@ def eval_loss(
     if task == "classification":
         return {"eval_loss": mean, "eval_accuracy": correct / max(count, 1)}
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0))}
+
+
+ReferenceLogps = Callable[[dict[str, torch.Tensor], Sequence[int]], torch.Tensor]
+
+
+@torch.no_grad()
+def eval_pairs(model: nn.Module, pairs: list[TokenizedPair], objective: PreferenceObjective, *,
+               reference: ReferenceLogps | None, batch_size: int, pass_tokens: int | None, device: torch.device,
+               chunked: bool = True) -> dict[str, float]:
+    """Return a preference objective's figures on held-out pairs: ``eval_loss`` (the objective, averaged as in
+    training), the mean rewards of chosen and rejected replies, the mean reward margin and the reward accuracy
+    (share of pairs whose chosen reply gets the higher reward). ``reference(batch, indices)`` gives the reference
+    log-probabilities (dpo, ipo)."""
+    was_training = model.training
+    model.eval()
+    sums = dict.fromkeys(("pair_loss", "nll", "chosen_tokens", *STAT_KEYS), 0.0)
+    lengths = [len(p.input_ids) for p in pairs]
+    block_mask = not packed_attention_enabled(model)
+    try:
+        for start in range(0, len(pairs), batch_size):
+            for run in split_by_tokens(range(start, min(start + batch_size, len(pairs))), lengths, pass_tokens):
+                batch = {k: v.to(device) for k, v in collate_pairs([pairs[i] for i in run],
+                                                                  block_mask=block_mask).items()}
+                ref = reference(batch, run) if reference is not None and objective.needs_reference else None
+                logps, counts = reply_logps(model, batch, chunked=chunked)
+                terms = objective.terms(logps, counts, ref)
+                sums["pair_loss"] += float(terms.loss.sum())
+                if terms.nll_sum is not None:
+                    sums["nll"] += float(terms.nll_sum)
+                    sums["chosen_tokens"] += float(counts[0::2].sum())
+                for key, value in terms.stats().items():
+                    sums[key] += value
+    finally:
+        model.train(was_training)
+    n = max(len(pairs), 1)
+    loss = sums["pair_loss"] / n + (sums["nll"] / sums["chosen_tokens"] if sums["chosen_tokens"] else 0.0)
+    return {"eval_loss": loss, **{f"eval_{key}": sums[key] / n for key in STAT_KEYS}}
 
 
 def reference_pairs(examples: list[Example]) -> list[tuple[list[dict[str, str]], str]]:

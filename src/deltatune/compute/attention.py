@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 NAME = "deltatune_varlen"
+PAIRS = "deltatune_pairs"  # forward keyword: the layout of packed preference pairs (see _pair_attention)
 _registered = False
 
 
@@ -36,6 +37,9 @@ def _varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                       **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Attention over (B, H, T, D) tensors; returns ((B, T, H, D) output, None) as transformers expects."""
     bounds = kwargs.get("cu_seq_lens_q")
+    pairs = kwargs.get(PAIRS)
+    if pairs is not None and query.shape[2] == key.shape[2]:
+        return _pair_attention(query, key, value, pairs, dropout, scaling), None
     if bounds is None or query.shape[2] != key.shape[2]:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -50,6 +54,30 @@ def _varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
              for s, e in itertools.pairwise(cuts) if e > s]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _pair_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: list[list[int]],
+                    dropout: float, scaling: float | None) -> torch.Tensor:
+    """Attention of packed preference pairs ((start, P, C, R) each, data/pairs.py): prompt + chosen is one causal
+    block; the rejected reply's queries attend to the prompt's keys and, causally, to its own. Returns (B, T, H, D)."""
+    if query.shape[0] != 1:
+        raise ValueError("packed attention expects one packed row per micro-batch")
+    gqa = query.shape[1] != key.shape[1]
+    parts = []
+    for start, p, c, r in layout:
+        mid, end = start + p + c, start + p + c + r
+        parts.append(F.scaled_dot_product_attention(query[:, :, start:mid], key[:, :, start:mid],
+                                                    value[:, :, start:mid], dropout_p=dropout, is_causal=True,
+                                                    scale=scaling, enable_gqa=gqa))
+        if r:
+            keys = torch.cat([key[:, :, start:start + p], key[:, :, mid:end]], dim=2)
+            values = torch.cat([value[:, :, start:start + p], value[:, :, mid:end]], dim=2)
+            allowed = torch.ones(r, p + r, dtype=torch.bool, device=query.device)
+            allowed[:, p:] = torch.ones(r, r, dtype=torch.bool, device=query.device).tril()
+            parts.append(F.scaled_dot_product_attention(query[:, :, mid:end], keys, values, attn_mask=allowed,
+                                                        dropout_p=dropout, scale=scaling, enable_gqa=gqa))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    return out.transpose(1, 2).contiguous()
 
 
 def _register() -> None:

@@ -76,6 +76,58 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     return loss
 
 
+class _LinearTokenLogps(torch.autograd.Function):
+    """Per-row log-probabilities of the targets; d logp / d h is kept from the forward pass ((N, d), the size of
+    the hidden states), the output layer's gradient (when it trains) recomputes each chunk's softmax."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, want_h: bool,
+                want_w: bool) -> torch.Tensor:
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        dlogp_dh = torch.empty_like(hidden) if want_h else None
+        for start in range(0, hidden.shape[0], CHUNK_ROWS):
+            h, t = hidden[start:start + CHUNK_ROWS], targets[start:start + CHUNK_ROWS]
+            logits = (h @ weight.t()).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            out[start:start + CHUNK_ROWS] = logits.gather(1, t[:, None]).squeeze(1) - lse
+            if dlogp_dh is not None:  # d logp / d logits = onehot - softmax
+                grad = logits.sub_(lse[:, None]).exp_().neg_()
+                grad[torch.arange(len(t), device=grad.device), t] += 1.0
+                dlogp_dh[start:start + CHUNK_ROWS] = grad.to(weight.dtype) @ weight
+        ctx.save_for_backward(dlogp_dh if want_h else None, hidden if want_w else None, weight if want_w else None,
+                              targets)
+        ctx.has = (want_h, want_w)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        dlogp_dh, hidden, weight, targets = ctx.saved_tensors
+        want_h, want_w = ctx.has
+        grad_h = dlogp_dh * grad_out[:, None].to(dlogp_dh.dtype) if want_h else None
+        grad_w = None
+        if want_w:
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            for start in range(0, hidden.shape[0], CHUNK_ROWS):
+                h, t = hidden[start:start + CHUNK_ROWS], targets[start:start + CHUNK_ROWS]
+                logits = (h @ weight.t()).float()
+                grad = torch.softmax(logits, dim=-1).neg_()
+                grad[torch.arange(len(t), device=grad.device), t] += 1.0
+                grad.mul_(grad_out[start:start + CHUNK_ROWS, None])
+                grad_w += grad.t() @ h.float()
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Return the log-probability of each target under ``log_softmax(hidden @ weight^T)`` (rows (N, d), weight
+    (V, d), targets (N,) valid ids) as a float32 (N,) tensor, chunk by chunk of rows so the (N, V) logits never
+    exist at once; differentiable in ``hidden`` and ``weight``."""
+    want_h = torch.is_grad_enabled() and hidden.requires_grad
+    want_w = torch.is_grad_enabled() and weight.requires_grad
+    logps: torch.Tensor = _LinearTokenLogps.apply(hidden, weight, targets, want_h, want_w)
+    return logps
+
+
 def plain_output_layer(model: nn.Module) -> nn.Linear | None:
     """Return the model's output layer when the logits are exactly ``lm_head(hidden)`` (a bias-free
     ``nn.Linear`` of a known model family), else None (the loss then takes the model's logits)."""

@@ -11,6 +11,16 @@ Formats and the fields they need:
 - ``prompt_completion``: ``prompt``, ``completion`` (one user turn, one assistant turn)
 - ``classification``: ``label`` plus ``text`` or ``sentence`` (or ``sentence1``/``sentence2``)
 - ``text``: ``text`` only (plain language modelling)
+
+Preference pairs (for ``train.objective`` dpo, ipo, simpo, orpo): a prompt and two replies, the preferred
+(``chosen``) and the other (``rejected``):
+
+- ``preference``: ``chosen`` and ``rejected`` as strings with a ``prompt`` string (TRL's standard shape), as
+  message lists with ``prompt`` a message list (TRL's conversational shape), or as whole conversations with no
+  ``prompt`` (TRL's implicit prompt: the shared leading messages are the prompt, the last assistant turn of each
+  is the reply)
+- ``sharegpt_preference``: ``conversations`` (the prompt, ShareGPT turns) + ``chosen`` and ``rejected`` as one
+  ``{from, value}`` turn each (LLaMA-Factory's shape), optional ``system``
 """
 
 from __future__ import annotations
@@ -21,7 +31,9 @@ from typing import Any
 
 from deltatune.errors import DataError
 
-FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "classification", "text")
+FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "classification", "text", "preference",
+           "sharegpt_preference")
+PREFERENCE_FORMATS = frozenset({"preference", "sharegpt_preference"})
 CHAT_FORMATS = frozenset({"alpaca", "messages", "sharegpt", "prompt_completion"})
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -39,18 +51,30 @@ class Message:
 
 @dataclass
 class Example:
-    """One training example before tokenization; ``origin`` is ``path:line`` for error messages."""
+    """One training example before tokenization; ``origin`` is ``path:line`` for error messages.
+
+    A preference pair has ``messages`` (the prompt, ending with a user turn) and ``chosen`` / ``rejected``
+    (the two assistant replies)."""
 
     origin: str
     messages: list[Message] | None = None
     text: str | None = None
     text_pair: str | None = None
     label: int | str | None = None
+    chosen: Message | None = None
+    rejected: Message | None = None
+
+    @property
+    def is_pair(self) -> bool:
+        """True for a preference pair."""
+        return self.chosen is not None
 
 
 def detect_format(record: dict[str, Any], origin: str) -> str:
     """Tell an example's format from its fields; returns one of FORMATS or raises DataError."""
     fields = set(record)
+    if {"chosen", "rejected"} <= fields:
+        return "sharegpt_preference" if "conversations" in fields else "preference"
     if "messages" in fields and isinstance(record["messages"], list):
         return "messages"
     if "conversations" in fields and isinstance(record["conversations"], list):
@@ -101,13 +125,13 @@ def _check_turns(messages: list[Message], origin: str) -> list[Message]:
     return messages
 
 
-def _from_messages(record: dict[str, Any], origin: str) -> list[Message]:
-    raw = record.get("messages")
+def _message_list(raw: Any, key: str, origin: str) -> list[Message]:
+    """Parse a list of ``{role, content}`` objects held in field ``key``; raises DataError naming the item."""
     if not isinstance(raw, list) or not raw:
-        raise DataError(f"{origin}: field 'messages' must be a non-empty list of {{role, content}}")
+        raise DataError(f"{origin}: field {key!r} must be a non-empty list of {{role, content}}")
     messages = []
     for i, item in enumerate(raw):
-        where = f"{origin}: messages[{i}]"
+        where = f"{origin}: {key}[{i}]"
         if not isinstance(item, dict):
             raise DataError(f"{where}: expected an object {{role, content}}, got {type(item).__name__}")
         role = item.get("role")
@@ -116,29 +140,91 @@ def _from_messages(record: dict[str, Any], origin: str) -> list[Message]:
         content = _field(item, "content", where)
         assert content is not None
         messages.append(Message(role, content, _weight(item.get("weight"), role, where)))
-    return _check_turns(messages, origin)
+    return messages
 
 
-def _from_sharegpt(record: dict[str, Any], origin: str) -> list[Message]:
+def _from_messages(record: dict[str, Any], origin: str) -> list[Message]:
+    return _check_turns(_message_list(record.get("messages"), "messages", origin), origin)
+
+
+def _sharegpt_turn(item: Any, where: str) -> Message:
+    """One ShareGPT ``{from, value}`` turn as a Message; raises DataError naming ``where``."""
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: expected an object {{from, value}}, got {type(item).__name__}")
+    speaker = item.get("from")
+    if speaker not in SHAREGPT_ROLES:
+        raise DataError(f"{where}: unknown speaker {speaker!r}; use one of {', '.join(SHAREGPT_ROLES)}")
+    value = _field(item, "value", where)
+    assert value is not None
+    role = SHAREGPT_ROLES[speaker]
+    return Message(role, value, _weight(item.get("weight"), role, where))
+
+
+def _sharegpt_turns(record: dict[str, Any], origin: str) -> list[Message]:
     raw = record.get("conversations")
     if not isinstance(raw, list) or not raw:
         raise DataError(f"{origin}: field 'conversations' must be a non-empty list of {{from, value}}")
-    messages = []
     system = _field(record, "system", origin, required=False, allow_empty=True)
-    if system and system.strip():
-        messages.append(Message("system", system))
-    for i, item in enumerate(raw):
-        where = f"{origin}: conversations[{i}]"
-        if not isinstance(item, dict):
-            raise DataError(f"{where}: expected an object {{from, value}}, got {type(item).__name__}")
-        speaker = item.get("from")
-        if speaker not in SHAREGPT_ROLES:
-            raise DataError(f"{where}: unknown speaker {speaker!r}; use one of {', '.join(SHAREGPT_ROLES)}")
-        value = _field(item, "value", where)
-        assert value is not None
-        role = SHAREGPT_ROLES[speaker]
-        messages.append(Message(role, value, _weight(item.get("weight"), role, where)))
-    return _check_turns(messages, origin)
+    messages = [Message("system", system)] if system and system.strip() else []
+    return messages + [_sharegpt_turn(item, f"{origin}: conversations[{i}]") for i, item in enumerate(raw)]
+
+
+def _from_sharegpt(record: dict[str, Any], origin: str) -> list[Message]:
+    return _check_turns(_sharegpt_turns(record, origin), origin)
+
+
+def _check_prompt(prompt: list[Message], origin: str) -> list[Message]:
+    if not prompt or prompt[-1].role != "user":
+        raise DataError(f"{origin}: the prompt of a preference pair must end with a user turn (it ends with "
+                        f"{prompt[-1].role if prompt else 'nothing'}); fix the record or remove it")
+    return prompt
+
+
+def _reply(messages: list[Message], key: str, origin: str) -> Message:
+    if len(messages) != 1 or messages[0].role != "assistant":
+        raise DataError(f"{origin}: field {key!r} must hold exactly one assistant reply after the prompt, got "
+                        f"{[m.role for m in messages]}; put earlier turns in the prompt")
+    return Message("assistant", messages[0].content)
+
+
+def _from_preference(record: dict[str, Any], origin: str) -> Example:
+    """TRL's preference shapes: strings with a prompt, message lists with a prompt, or implicit prompt."""
+    chosen, rejected, prompt = record.get("chosen"), record.get("rejected"), record.get("prompt")
+    if isinstance(chosen, str) or isinstance(rejected, str):
+        text = _field(record, "prompt", origin)
+        c, r = _field(record, "chosen", origin), _field(record, "rejected", origin)
+        assert text is not None and c is not None and r is not None
+        return Example(origin, messages=[Message("user", text)], chosen=Message("assistant", c),
+                       rejected=Message("assistant", r))
+    if not isinstance(chosen, list) or not isinstance(rejected, list):
+        raise DataError(f"{origin}: 'chosen' and 'rejected' must both be strings or both lists of "
+                        "{role, content}")
+    c_msgs = _message_list(chosen, "chosen", origin)
+    r_msgs = _message_list(rejected, "rejected", origin)
+    if prompt is None:  # implicit prompt: the leading messages both conversations share
+        shared = 0
+        while (shared < min(len(c_msgs), len(r_msgs)) - 1 and c_msgs[shared].role == r_msgs[shared].role
+               and c_msgs[shared].content == r_msgs[shared].content):
+            shared += 1
+        p_msgs, c_msgs, r_msgs = c_msgs[:shared], c_msgs[shared:], r_msgs[shared:]
+    elif isinstance(prompt, str):
+        p_msgs = [Message("user", _field(record, "prompt", origin) or "")]
+    else:
+        p_msgs = _message_list(prompt, "prompt", origin)
+    return Example(origin, messages=_check_prompt(p_msgs, origin), chosen=_reply(c_msgs, "chosen", origin),
+                   rejected=_reply(r_msgs, "rejected", origin))
+
+
+def _from_sharegpt_preference(record: dict[str, Any], origin: str) -> Example:
+    """LLaMA-Factory's shape: ``conversations`` is the prompt, ``chosen``/``rejected`` one turn each."""
+    prompt = _check_prompt(_sharegpt_turns(record, origin), origin)
+    replies = []
+    for key in ("chosen", "rejected"):
+        turn = _sharegpt_turn(record.get(key), f"{origin}: {key}")
+        if turn.role != "assistant":
+            raise DataError(f"{origin}: {key} must be the assistant's turn (from: gpt), got from a {turn.role}")
+        replies.append(Message("assistant", turn.content))
+    return Example(origin, messages=prompt, chosen=replies[0], rejected=replies[1])
 
 
 def _from_alpaca(record: dict[str, Any], origin: str) -> list[Message]:
@@ -181,15 +267,18 @@ def _classification(record: dict[str, Any], origin: str) -> Example:
 
 _CHAT_READERS = {"alpaca": _from_alpaca, "messages": _from_messages, "sharegpt": _from_sharegpt,
                  "prompt_completion": _from_prompt_completion}
+_PAIR_READERS = {"preference": _from_preference, "sharegpt_preference": _from_sharegpt_preference}
 
 
 def to_example(record: dict[str, Any], origin: str, fmt: str, *, system_prompt: str | None = None) -> Example:
     """Convert one record in a known format to an Example, validating it; raises DataError with origin."""
-    if fmt in _CHAT_READERS:
-        messages = _CHAT_READERS[fmt](record, origin)
-        if system_prompt and messages[0].role != "system":
-            messages.insert(0, Message("system", system_prompt))
-        return Example(origin, messages=messages)
+    if fmt in _CHAT_READERS or fmt in _PAIR_READERS:
+        example = (Example(origin, messages=_CHAT_READERS[fmt](record, origin)) if fmt in _CHAT_READERS
+                   else _PAIR_READERS[fmt](record, origin))
+        assert example.messages is not None
+        if system_prompt and example.messages[0].role != "system":
+            example.messages.insert(0, Message("system", system_prompt))
+        return example
     if fmt == "classification":
         return _classification(record, origin)
     if fmt == "text":

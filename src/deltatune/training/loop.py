@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from deltatune.compute.attention import enable_packed_attention
+from deltatune.compute.attention import enable_packed_attention, packed_attention_enabled
 from deltatune.config import RunConfig, dump_config
 from deltatune.data import padding_waste, plan_batches
 from deltatune.delta import save_delta
 from deltatune.errors import DeltatuneError
-from deltatune.evaluate import eval_loss, exact_match
+from deltatune.evaluate import eval_loss, eval_pairs, exact_match
 from deltatune.files import write_text_atomic
 from deltatune.methods import build_method, head_names, trainable_parameters
 from deltatune.models import load_model, prepare_for_training
@@ -60,6 +60,7 @@ from deltatune.training.distributed import (
 )
 from deltatune.training.fused import use_fused_modules
 from deltatune.training.optim import build_optimizer, build_scheduler, peak_learning_rates
+from deltatune.training.preference import Reference, objective_of, prepare_reference
 from deltatune.training.progress import read_metrics
 from deltatune.training.result import TrainResult
 from deltatune.training.setup import (
@@ -180,7 +181,7 @@ class Recipe:
         self.tokens_before = state.tokens_seen
         self.model.train()
         run = StepRun(self.model, self.inner, self.method, self.train_set, self.shape.mode, self.pad_id, self.task,
-                      self.device, t, self.params, self.optimizer, ctx)
+                      self.device, t, self.params, self.optimizer, ctx, self.objective, self.reference)
         with interrupts_between_steps() as between_steps:
             self._steps(run, between_steps)
             self._fit_ended = True
@@ -198,7 +199,7 @@ class Recipe:
                 group = plan[state.cursor:state.cursor + self.shape.micro_per_step]
                 share = step_share(group, ctx.rank, ctx.world) if ctx.enabled else [(idx, True) for idx in group]
                 self.step_examples = [i for idx, real in share if real for i in idx]  # this rank's, for callbacks
-                self.last_loss, tokens, grad_norm = run_step(run, share)
+                self.last_loss, tokens, grad_norm, figures = run_step(run, share)
                 self.scheduler.step()
                 self.method.after_step(self.inner, state.step, self.shape.total_steps)
                 state.step += 1
@@ -209,7 +210,7 @@ class Recipe:
                     "step": state.step, "epoch": state.epoch, "loss": self.last_loss,
                     "lr": self.scheduler.get_last_lr()[self.main_group], "grad_norm": grad_norm,
                     "tokens": state.tokens_seen, "tokens_per_s": (state.tokens_seen - tokens_done) / elapsed,
-                    "step_tokens": tokens})
+                    **figures, "step_tokens": tokens})
             if state.cursor >= len(plan):
                 state.epoch, state.cursor = state.epoch + 1, 0
 
@@ -277,8 +278,17 @@ class Recipe:
             return {}
         began = time.perf_counter()
         t = self.cfg.train
-        figures = eval_loss(self.inner, self.eval_set, task=self.task, batch_size=t.batch_size, mode=self.shape.mode,
-                            pad_id=self.pad_id, device=self.device, chunked=t.chunked_loss)
+        if self.objective is not None:
+            reference = self.reference
+            figures = eval_pairs(self.inner, self.eval_set, self.objective,  # type: ignore[arg-type]
+                                 reference=(lambda batch, idx: reference.logps("eval", batch, idx))
+                                 if reference is not None else None,
+                                 batch_size=t.batch_size, pass_tokens=t.pass_tokens, device=self.device,
+                                 chunked=t.chunked_loss)
+        else:
+            figures = eval_loss(self.inner, self.eval_set, task=self.task,  # type: ignore[arg-type]
+                                batch_size=t.batch_size, mode=self.shape.mode, pad_id=self.pad_id,
+                                device=self.device, chunked=t.chunked_loss)
         if announce:
             self.say(f"{announce}: " + format_figures(figures))
         self.callbacks.on_eval(self, {"step": self.state.step, **figures})
@@ -333,7 +343,9 @@ class Recipe:
         say(prepare_for_training(model, cfg.train))
         say(f"data: {report.summary()}; eval {len(self.eval_set)} examples")
         t = cfg.train
-        self.shape = shape = run_shape(cfg, task=data.task, examples=len(self.train_set), world=ctx.world)
+        self.objective = objective_of(t)
+        self.shape = shape = run_shape(cfg, task=data.task, examples=len(self.train_set), world=ctx.world,
+                                       pairs=data.pairs)
         if (shape.mode == "pack" and data.task == "causal_lm" and t.packed_attention and self.method.packed_attention
                 and enable_packed_attention(model)):
             say("attention: packed rows attend per example (no block mask)")
@@ -346,6 +358,12 @@ class Recipe:
         say(f"batching: {shape.mode}, padding waste {waste:.1%}; {shape.total_steps} steps of {t.batch_size} x "
             f"{t.grad_accum}{ranks} examples ({shape.steps_per_epoch} steps per epoch)")
         self.pad_id = tokenizer.pad_token_id or 0
+        self.reference: Reference | None = None
+        if self.objective is not None and self.objective.needs_reference:  # before a checkpoint's weights load
+            self.reference = prepare_reference(
+                self.method, model, {"train": self.train_set, "eval": self.eval_set},  # type: ignore[dict-item]
+                out=self.out if ctx.is_main else None, precompute=t.precompute_ref, t=t,
+                block_mask=not packed_attention_enabled(model), device=self.device, say=say)
         self.result = TrainResult(output_dir=self.out, steps=self.state.step, train_loss=None)
         self.result.trainable_params = sum(p.numel() for p in params.values())
         self.result.total_params = sum(p.numel() for p in model.parameters())
@@ -356,7 +374,7 @@ class Recipe:
             say(f"distributed: {ctx.kind} on {ctx.world} ranks ({ctx.backend})")
             probe = self.train_set[0]
             self.model = wrap_model(model, ctx, lambda m: probe_loss(m, self.method, probe, shape.mode, self.pad_id,
-                                                                     data.task, self.device))
+                                                                     data.task, self.device, pairs=data.pairs))
             self.inner = unwrap(self.model)
             params = trainable_parameters(self.inner)  # FSDP replaced them by sharded ones
             torch.manual_seed(t.seed + ctx.rank)  # each rank its own dropout stream
@@ -405,7 +423,7 @@ class Recipe:
 
     def _generations(self, when: str) -> dict[str, Any]:
         t = self.cfg.train
-        if not t.eval_generations or self.task != "causal_lm" or not self.data.eval:
+        if not t.eval_generations or self.task != "causal_lm" or not self.data.eval or self.data.pairs:
             return {}
         result = exact_match(self.inner, self.loaded.tokenizer, self.data.eval, limit=t.eval_generations)
         self.callbacks.on_eval(self, {"step": self.state.step, "exact_match": result["exact_match"],

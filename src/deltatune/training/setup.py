@@ -17,6 +17,7 @@ from deltatune.data import (
     load_examples,
     tokenize_examples,
 )
+from deltatune.data.pairs import TokenizedPair, tokenize_pairs
 from deltatune.delta import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE
 from deltatune.demo import write_demo_data
 from deltatune.errors import ConfigError, DataError
@@ -37,7 +38,7 @@ DEMO_DATA = "data"
 # what a training run writes into its folder (compare.json: a compare method's record, see compare/child.py);
 # output.overwrite clears exactly these
 RUN_ENTRIES = frozenset({RUN_FILE, METRICS_FILE, CHECKPOINTS, DEMO_DATA, CONFIG_FILE, WEIGHTS_FILE, CARD_FILE,
-                         "compare.json"})
+                         "compare.json", "reference_logps.safetensors"})
 
 
 def prepare_output_dir(cfg: RunConfig, resume: bool, stack: ExitStack) -> Path:
@@ -82,6 +83,7 @@ class RunData:
     label2id: dict[str, int] | None
     train_path: str
     is_demo: bool
+    pairs: bool = False  # preference pairs (prompt, chosen, rejected)
 
 
 def load_run_data(cfg: RunConfig, out_dir: Path, demo_dir: Path | None = None) -> RunData:
@@ -94,6 +96,9 @@ def load_run_data(cfg: RunConfig, out_dir: Path, demo_dir: Path | None = None) -
     is_demo = d.train is None
     train_path = d.train
     eval_spec = d.eval
+    if is_demo and cfg.train.objective != "sft":
+        raise ConfigError(f"train.objective={cfg.train.objective} needs preference pairs: set data.train to a file of "
+                          "prompt/chosen/rejected records (the built-in demo is supervised)")
     if is_demo:
         train_file, eval_file = write_demo_data(demo_dir or out_dir / DEMO_DATA, seed=cfg.train.seed)
         train_path, eval_spec = str(train_file), str(eval_file)
@@ -116,20 +121,49 @@ def load_run_data(cfg: RunConfig, out_dir: Path, demo_dir: Path | None = None) -
                                       else d.split, system_prompt=d.system_prompt)
     else:
         eval_examples = []
+    pairs = examples[0].is_pair
+    _check_objective(cfg, pairs, train_path)
     is_classification = examples[0].label is not None
     if d.format == "classification" or cfg.model.task == "classification":
         is_classification = True
     task = "classification" if is_classification else "causal_lm"
     label2id = build_label_map(examples + eval_examples) if task == "classification" else None
-    return RunData(examples, eval_examples, task, label2id, train_path, is_demo)
+    return RunData(examples, eval_examples, task, label2id, train_path, is_demo, pairs)
 
 
-def tokenize_run_data(cfg: RunConfig, data: RunData, tokenizer: Any
-                      ) -> tuple[list[TokenizedExample], list[TokenizedExample], TokenizeReport]:
+def _check_objective(cfg: RunConfig, pairs: bool, train_path: str) -> None:
+    """Preference data and a preference objective go together; raise ConfigError naming the way out."""
+    objective = cfg.train.objective
+    if pairs and objective == "sft":
+        raise ConfigError(f"{train_path} holds preference pairs (chosen/rejected): set train.objective to dpo, ipo, "
+                          "simpo or orpo, or train with sft on a supervised format")
+    if not pairs and objective != "sft":
+        raise ConfigError(f"train.objective={objective} needs preference pairs, but {train_path} holds supervised "
+                          "examples: give prompt/chosen/rejected records (see `deltatune config`, data.format)")
+    if pairs and (cfg.model.task == "classification" or cfg.data.format == "classification"):
+        raise ConfigError("preference tuning trains a causal LM: set model.task to auto or causal_lm")
+    if cfg.train.label_smoothing and objective != "dpo":
+        raise ConfigError(f"train.label_smoothing applies to dpo only (the objective is {objective}); remove it")
+
+
+Tokenized = list[TokenizedExample] | list[TokenizedPair]
+
+
+def tokenize_run_data(cfg: RunConfig, data: RunData, tokenizer: Any) -> tuple[Tokenized, Tokenized, TokenizeReport]:
     """Tokenize both splits with the run's settings, or take them from the cache when the same data, tokenizer and
-    settings were tokenized before (``tokenized_cache``); return (train, eval, train report)."""
+    settings were tokenized before (``tokenized_cache``); return (train, eval, train report). Preference pairs
+    become TokenizedPairs."""
     from deltatune.training.tokenized_cache import cache_key, cached_tokenization
 
+    if data.pairs:  # pairs tokenize in about a millisecond each: not cached
+        train_pairs, report = tokenize_pairs(data.train, tokenizer, max_length=cfg.data.max_length,
+                                             truncation=cfg.data.truncation)
+        eval_pairs = tokenize_pairs(data.eval, tokenizer, max_length=cfg.data.max_length,
+                                    truncation=cfg.data.truncation)[0] if data.eval else []
+        if not train_pairs:
+            raise DataError(f"{data.train_path}: no pair left after tokenization ({report.summary()}); raise "
+                            "data.max_length or set data.truncation=truncate")
+        return train_pairs, eval_pairs, report
     kwargs = {"task": data.task, "max_length": cfg.data.max_length, "truncation": cfg.data.truncation,
               "train_on_prompt": cfg.data.train_on_prompt, "label2id": data.label2id}
 

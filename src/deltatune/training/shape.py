@@ -33,11 +33,11 @@ class RunShape:
     total_steps: int
 
 
-def run_shape(cfg: RunConfig, *, task: str, examples: int, world: int = 1) -> RunShape:
+def run_shape(cfg: RunConfig, *, task: str, examples: int, world: int = 1, pairs: bool = False) -> RunShape:
     """Return the shape of a run of ``cfg`` over ``examples`` training examples (after tokenization) on ``world``
-    ranks."""
+    ranks. Preference ``pairs`` are always packed (each pair's prompt shared by its replies, data/pairs.py)."""
     t = cfg.train
     micro_per_step = t.grad_accum * world
     steps_per_epoch = math.ceil(math.ceil(examples / t.batch_size) / micro_per_step)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    return RunShape(batching_mode(cfg.data, task), micro_per_step, steps_per_epoch, total_steps)
+    return RunShape("pack" if pairs else batching_mode(cfg.data, task), micro_per_step, steps_per_epoch, total_steps)

@@ -8,15 +8,20 @@ gradient one large batch would (train/distributed.py shows why the loss is scale
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from deltatune.compute.attention import packed_attention_enabled
 from deltatune.compute.loss import loss_sum
+from deltatune.compute.preference import STAT_KEYS, PreferenceObjective, reply_logps
 from deltatune.data import TokenizedExample, collate, split_by_tokens
+from deltatune.data.pairs import TokenizedPair, collate_pairs
 from deltatune.methods import Method
 from deltatune.training.distributed import DistContext, as_float, micro_batch
+
+if TYPE_CHECKING:
+    from deltatune.training.preference import Reference
 
 
 @dataclass
@@ -26,7 +31,7 @@ class StepRun:
     model: torch.nn.Module
     inner: torch.nn.Module
     method: Method
-    dataset: list[TokenizedExample]
+    dataset: list[TokenizedExample] | list[TokenizedPair]
     mode: str
     pad_id: int
     task: str
@@ -35,11 +40,19 @@ class StepRun:
     params: dict[str, torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     ctx: DistContext
+    objective: PreferenceObjective | None = None
+    reference: Reference | None = None
 
 
-def run_step(run: StepRun, share: list[tuple[list[int], bool]]) -> tuple[float, int, float | None]:
+Share = list[tuple[list[int], bool]]
+
+
+def run_step(run: StepRun, share: Share) -> tuple[float, int, float | None, dict[str, float]]:
     """Run one optimizer step over this rank's micro-batches ``share`` (``(indices, real)`` pairs; a pass
-    that is not real has weight 0); return (loss, tokens, grad norm) of the whole step, over every rank."""
+    that is not real has weight 0); return (loss, tokens, grad norm, the objective's figures) of the whole step,
+    over every rank (the figures: the preference objectives' reward means, else none)."""
+    if run.objective is not None:
+        return _preference_step(run, share)
     ctx = run.ctx
     if run.mode == "pack" and run.task == "causal_lm":  # long packed rows run as several bounded passes
         lengths = {i: len(run.dataset[i].input_ids) for idx, _ in share for i in idx}
@@ -65,21 +78,71 @@ def run_step(run: StepRun, share: list[tuple[list[int], bool]]) -> tuple[float, 
             scaled.backward()
         if real[k]:
             step_loss += float(loss.detach())
+    grad_norm = _optimizer_step(run)
+    if ctx.enabled:
+        step_loss = ctx.all_reduce_sum([step_loss])[0]
+    return step_loss / max(total, 1), tokens, grad_norm, {}
+
+
+def _optimizer_step(run: StepRun) -> float | None:
+    """Clip (when asked), step and clear the gradients; return the gradient norm before clipping."""
     grad_norm = None
     if run.t.max_grad_norm:
         grad_norm = as_float(torch.nn.utils.clip_grad_norm_(list(run.params.values()), run.t.max_grad_norm))
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    if ctx.enabled:
-        step_loss = ctx.all_reduce_sum([step_loss])[0]
-    return step_loss / max(total, 1), tokens, grad_norm
+    return grad_norm
 
 
-def probe_loss(model: torch.nn.Module, method: Method, example: TokenizedExample, mode: str, pad_id: int,
-                task: str, device: torch.device) -> torch.Tensor:
+def _preference_step(run: StepRun, share: Share) -> tuple[float, int, float | None, dict[str, float]]:
+    """One optimizer step of a preference objective: the pair terms are averaged over the step's pairs (ORPO's NLL
+    over its chosen tokens), every rank and micro-batch counted, so accumulation gives what one batch would."""
+    ctx, objective, pairs = run.ctx, run.objective, run.dataset
+    assert objective is not None
+    lengths = {i: len(pairs[i].input_ids) for idx, _ in share for i in idx}
+    share = [(part, real) for idx, real in share for part in split_by_tokens(idx, lengths, run.t.pass_tokens)]
+    block_mask = not packed_attention_enabled(run.inner)
+    batches = [collate_pairs([pairs[i] for i in idx], block_mask=block_mask) for idx, _ in share]  # type: ignore[misc]
+    real = [r for _, r in share]
+    counts = [sum(float(b["num_pairs"]) for b, r in zip(batches, real, strict=True) if r),
+              sum(float((b["sequence"] % 2 == 0).sum()) for b, r in zip(batches, real, strict=True) if r),
+              sum(float(b["num_tokens"]) for b, r in zip(batches, real, strict=True) if r)]
+    n_pairs, n_chosen, tokens = ctx.all_reduce_sum(counts)
+    sums = dict.fromkeys(("loss", *STAT_KEYS), 0.0)
+    for k, ((idx, _), batch) in enumerate(zip(share, batches, strict=True)):
+        batch = {key: v.to(run.device) for key, v in batch.items()}
+        ref = (run.reference.logps("train", batch, idx) if run.reference is not None and objective.needs_reference
+               else None)
+        with micro_batch(run.model, ctx, sync=k == len(batches) - 1):
+            logps, token_counts = reply_logps(run.model, batch, chunked=run.t.chunked_loss and not ctx.enabled)
+            terms = objective.terms(logps, token_counts, ref)
+            loss = terms.loss.sum() / max(n_pairs, 1)
+            if terms.nll_sum is not None:
+                loss = loss + terms.nll_sum / max(n_chosen, 1)
+            scaled = loss * (ctx.world if real[k] else 0.0) if ctx.enabled else loss
+            reg = run.method.regularization(run.inner)
+            if reg is not None:
+                scaled = scaled + reg / len(batches)
+            scaled.backward()
+        if real[k]:
+            sums["loss"] += float(loss.detach())
+            for key, value in terms.stats().items():
+                sums[key] += value
+    grad_norm = _optimizer_step(run)
+    figures = dict(zip(sums, ctx.all_reduce_sum(list(sums.values())), strict=True))
+    return figures.pop("loss"), int(tokens), grad_norm, {k: v / max(n_pairs, 1) for k, v in figures.items()}
+
+
+def probe_loss(model: torch.nn.Module, method: Method, example: TokenizedExample | TokenizedPair, mode: str,
+               pad_id: int, task: str, device: torch.device, pairs: bool = False) -> torch.Tensor:
     """Return the loss of one example (with the method's penalty): DDP's probe for unused parameters."""
-    batch = collate([example], mode=mode, pad_id=pad_id, task=task, block_mask=not packed_attention_enabled(model))
-    batch = {k: v.to(device) for k, v in batch.items()}
-    loss, _ = loss_sum(model, batch, task, chunked=False)
+    block_mask = not packed_attention_enabled(model)
+    if pairs:
+        batch = {k: v.to(device) for k, v in collate_pairs([example], block_mask=block_mask).items()}  # type: ignore[list-item]
+        loss = -reply_logps(model, batch, chunked=False)[0].sum()
+    else:
+        batch = collate([example], mode=mode, pad_id=pad_id, task=task, block_mask=block_mask)  # type: ignore[list-item]
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss, _ = loss_sum(model, batch, task, chunked=False)
     reg = method.regularization(model)
     return loss if reg is None else loss + reg
