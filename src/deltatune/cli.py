@@ -157,10 +157,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from deltatune.training.shape import batching_mode
 
     run_file = Path(args.delta) / "run.yaml"
-    data_cfg = load_config(run_file if run_file.is_file() else None).data  # the run's own data settings
+    run_cfg = load_config(run_file if run_file.is_file() else None)
+    data_cfg = run_cfg.data  # the run's own data settings
     delta = load_delta(args.delta, device=args.device)
     model, tokenizer, task = delta.loaded.model, delta.loaded.tokenizer, delta.info.task
     examples = load_examples(args.data, args.format or data_cfg.format, system_prompt=data_cfg.system_prompt)
+    if examples and examples[0].is_pair:  # preference pairs: the objective's loss and reward figures
+        from deltatune.models import load_model
+        from deltatune.training.preference import evaluate_delta_on_pairs
+
+        base_cfg = run_cfg.model.model_copy(update={"name": delta.info.base_model, "device": args.device})
+        print(json.dumps(evaluate_delta_on_pairs(
+            model, delta.method, tokenizer, examples, run_cfg, batch_size=args.batch_size,
+            device=delta.loaded.device, base_loader=lambda: load_model(base_cfg, task="causal_lm").model)))
+        return 0
     label2id = {v: k for k, v in model.config.id2label.items()} if task == "classification" else None
     tokenized, report = tokenize_examples(examples, tokenizer, task=task, max_length=data_cfg.max_length,
                                           truncation=data_cfg.truncation, train_on_prompt=data_cfg.train_on_prompt,

@@ -65,9 +65,12 @@ class TokenizeReport:
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(self.dropped.items()))
         dropped = f"dropped {self.n_dropped}" + (f" ({reasons})" if reasons else "")
         share = self.n_supervised_tokens / self.n_tokens if self.n_tokens else 0.0
-        loss = (f"{self.n_supervised_tokens:,} with loss ({share:.0%})" if self.task == "causal_lm"
+        loss = (f"{self.n_supervised_tokens:,} with loss ({share:.0%})" if self.task != "classification"
                 else "one label per example")
-        return (f"{self.n_in} examples: kept {self.n_kept}, {dropped}, truncated {self.n_truncated}; "
+        if self.task == "preference":
+            loss += ", each prompt once"
+        kind = "pairs" if self.task == "preference" else "examples"
+        return (f"{self.n_in} {kind}: kept {self.n_kept}, {dropped}, truncated {self.n_truncated}; "
                 f"{self.n_tokens:,} tokens, {loss}")
 
 

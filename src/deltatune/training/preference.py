@@ -22,10 +22,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deltatune.compute.preference import PreferenceObjective, reply_logps
-from deltatune.config import TrainConfig
-from deltatune.data import split_by_tokens
-from deltatune.data.pairs import TokenizedPair, collate_pairs
+from deltatune.config import RunConfig, TrainConfig
+from deltatune.data import Example, split_by_tokens
+from deltatune.data.pairs import TokenizedPair, collate_pairs, tokenize_pairs
 from deltatune.errors import DeltatuneError
+from deltatune.evaluate import eval_pairs
 from deltatune.files import write_atomic
 from deltatune.methods import Method
 
@@ -116,7 +117,7 @@ def prepare_reference(method: Method, model: nn.Module, splits: dict[str, list[T
     if not precompute and switch:
         say("reference: the base model (the delta switched off), computed with each step")
         return Reference(method, model, None, t.chunked_loss)
-    why = "train.precompute_ref" if precompute else f"method {type(method).__name__} has no disable switch"
+    why = "train.precompute_ref" if precompute else f"method {method.config.name!r} has no disable switch"
     digest = pairs_digest([p for name in sorted(splits) for p in splits[name]])
     path = out / REFERENCE_FILE if out is not None else None
     if path is not None and path.is_file():
@@ -138,3 +139,27 @@ def prepare_reference(method: Method, model: nn.Module, splits: dict[str, list[T
     say(f"reference: log-probabilities of {sum(len(p) for p in splits.values())} pairs computed once before "
         f"training ({why})" + (f", kept in {path}" if path is not None else ""))
     return Reference(method, model, tables, t.chunked_loss)
+
+
+def evaluate_delta_on_pairs(model: nn.Module, method: Method, tokenizer: object, examples: list[Example],
+                            cfg: RunConfig, *, batch_size: int, device: torch.device,
+                            base_loader: Callable[[], nn.Module]) -> dict[str, float]:
+    """Figures of a trained delta on held-out preference pairs (``deltatune eval``): the run's objective (dpo when
+    the run was supervised) with its settings; the reference is the base under the method's disable switch, or a
+    separately loaded base (``base_loader``) for a method without one. Returns eval_pairs' figures and ``pairs``."""
+    t = cfg.train if cfg.train.objective != "sft" else cfg.train.model_copy(update={"objective": "dpo"})
+    objective = objective_of(t)
+    assert objective is not None
+    pairs, report = tokenize_pairs(examples, tokenizer, max_length=cfg.data.max_length,
+                                   truncation=cfg.data.truncation)
+    reference = None
+    if objective.needs_reference:
+        base = model if can_disable(method, model) else base_loader()
+
+        def reference(batch: dict[str, torch.Tensor], _indices: Sequence[int]) -> torch.Tensor:
+            with as_reference(method, base, switch=base is model):
+                return reply_logps(base, batch, chunked=t.chunked_loss)[0]
+
+    figures = eval_pairs(model, pairs, objective, reference=reference, batch_size=batch_size,
+                         pass_tokens=t.pass_tokens, device=device, chunked=t.chunked_loss)
+    return {"objective": objective.name, **figures, "pairs": report.n_kept}  # type: ignore[dict-item]

@@ -107,6 +107,8 @@ def load_run_data(cfg: RunConfig, out_dir: Path, demo_dir: Path | None = None) -
                              system_prompt=d.system_prompt)
     if not examples:
         raise DataError(f"{train_path}: no examples")
+    pairs = examples[0].is_pair
+    _check_objective(cfg, pairs, train_path)
     if isinstance(eval_spec, float):
         order = list(range(len(examples)))
         random.Random(cfg.train.seed).shuffle(order)
@@ -121,8 +123,6 @@ def load_run_data(cfg: RunConfig, out_dir: Path, demo_dir: Path | None = None) -
                                       else d.split, system_prompt=d.system_prompt)
     else:
         eval_examples = []
-    pairs = examples[0].is_pair
-    _check_objective(cfg, pairs, train_path)
     is_classification = examples[0].label is not None
     if d.format == "classification" or cfg.model.task == "classification":
         is_classification = True
