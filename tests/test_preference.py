@@ -409,3 +409,22 @@ def test_a_preference_objective_on_supervised_data_is_refused(tiny_llama_dir: Pa
     data.write_text(json.dumps({"prompt": "hi", "completion": "there"}) + "\n")
     assert main(args(tiny_llama_dir, data, tmp_path / "out", "train.objective=dpo")) == 2
     assert "needs preference pairs" in capsys.readouterr().err
+
+
+def test_compare_runs_methods_on_pairs_and_ranks_by_reward_accuracy(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Three kinds of reference: LoRA (switch off the wrapper), prompt tuning (switch off the virtual tokens; pairs
+    through the 4D mask with the prefix in front) and full (the table computed before training)."""
+    import yaml
+
+    tree = {"model": {"name": str(tiny_llama_dir)},
+            "data": {"train": str(write_pairs(tmp_path / "p.jsonl", n=24)), "eval": 0.25},
+            "train": {"max_steps": 4, "batch_size": 4, "objective": "dpo"},
+            "compare": {"latency_tokens": 2, "latency_repeats": 1}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tree))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(tmp_path / "run.yaml"), "--methods", "lora,prompt_tuning,full", "-o", str(out)]) == 0
+    results = {r["method"]: r for r in json.loads((out / "results.json").read_text())["methods"]}
+    assert all(r["status"] == "finished" and r["metric"] == "reward_accuracy" for r in results.values())
+    assert all(0.0 <= r["metric_value"] <= 1.0 and r["reward_margin"] is not None for r in results.values())
+    report = (out / "report.md").read_text()
+    assert "reward accuracy" in report and "reward margin" in report and "- best reward accuracy:" in report

@@ -42,8 +42,10 @@ def eval_curve(folder: Path) -> list[list[float]]:
 
 
 def task_metric(task: str, eval_end: dict[str, float], generation_end: dict[str, Any]) -> tuple[str | None, Any]:
-    """Return (metric name, value): accuracy for classifiers, exact match when replies were compared with
-    references, else (None, None)."""
+    """Return (metric name, value): reward accuracy on held-out preference pairs, accuracy for classifiers, exact
+    match when replies were compared with references, else (None, None)."""
+    if "eval_reward_accuracy" in eval_end:
+        return "reward_accuracy", eval_end["eval_reward_accuracy"]
     if task == "classification":
         return "accuracy", eval_end.get("eval_accuracy")
     if generation_end.get("n"):
@@ -62,6 +64,8 @@ def latency_inputs(cfg: RunConfig) -> Any:
     examples = data.eval or data.train
     if data.task == "classification":
         return LatencyInputs(texts=[(ex.text or "", ex.text_pair) for ex in examples[:8]])
+    if data.pairs:  # the first pair's prompt
+        return LatencyInputs(messages=[{"role": m.role, "content": m.content} for m in examples[0].messages or []])
     pairs = reference_pairs(examples)
     return LatencyInputs(messages=pairs[0][0] if pairs else None)
 
@@ -95,6 +99,7 @@ def run(cfg: RunConfig, *, resume: bool, latency_tokens: int, latency_repeats: i
         "total_params": result.total_params,
         "trainable_pct": 100 * result.trainable_params / max(result.total_params, 1),
         "delta_bytes": delta_bytes(out),
+        "reward_margin": result.eval_end.get("eval_reward_margin"),
         "peak_rss_mb": memory["rss_mb"],
         "peak_cuda_mb": memory["cuda_mb"],
         "steps": result.steps,

@@ -60,7 +60,7 @@ class ComparePlan:
     task: str
     n_train: int
     n_eval: int
-    metric: str | None  # "accuracy", "exact_match" or None (eval loss is then the quality criterion)
+    metric: str | None  # "accuracy", "exact_match", "reward_accuracy" or None (eval loss is then the criterion)
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
@@ -177,7 +177,8 @@ def plan_from_tree(tree: dict[str, Any], source: str = "config", *, methods: lis
 
     data = load_run_data(base_cfg, out_dir)  # checks every data line before anything trains
     has_refs = data.task == "causal_lm" and bool(reference_pairs(data.eval))
-    metric = "accuracy" if data.task == "classification" else "exact_match" if has_refs else None
+    metric = ("reward_accuracy" if data.pairs else "accuracy" if data.task == "classification"
+              else "exact_match" if has_refs else None)
 
     plans: list[MethodPlan] = []
     for key in chosen:

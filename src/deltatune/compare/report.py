@@ -21,7 +21,7 @@ from deltatune.compare.plan import ComparePlan
 from deltatune.compare.runner import fmt_seconds
 from deltatune.files import write_text_atomic
 
-METRIC_NAMES = {"accuracy": "accuracy", "exact_match": "exact match"}
+METRIC_NAMES = {"accuracy": "accuracy", "exact_match": "exact match", "reward_accuracy": "reward accuracy"}
 ERROR_CELL = 160  # characters of a failure shown in the table (the verdict and results.json have all of it)
 
 
@@ -100,6 +100,9 @@ def columns(plan: ComparePlan, records: list[dict[str, Any]]) -> list[Column]:
     ]
     if plan.metric:
         cols.append(Column(METRIC_NAMES[plan.metric], _num("metric_value"), lambda r: pct(r.get("metric_value")),
+                           "max"))
+    if plan.metric == "reward_accuracy":  # preference pairs: how far apart the rewards of chosen and rejected are
+        cols.append(Column("reward margin", _num("reward_margin"), lambda r: _opt("{:.3f}")(r.get("reward_margin")),
                            "max"))
     cols += [
         Column("latency ms/token", _latency("unmerged"), lambda r: _opt("{:.3g}")(_latency("unmerged")(r)), "min"),
