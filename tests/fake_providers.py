@@ -208,14 +208,15 @@ class FakeProviders:
         return 200, job.body
 
     def _vertex_create(self, parent: str, req: dict[str, Any]) -> tuple[int, Any]:
-        spec = req.get("supervisedTuningSpec", {})
+        kind = "preferenceOptimizationSpec" if "preferenceOptimizationSpec" in req else "supervisedTuningSpec"
+        spec = req.get(kind, {})
         uri = spec.get("trainingDatasetUri", "")
         if not any(u.get("uri") == uri for u in self.uploads):
             return 400, {"error": {"code": 400, "message": f"training dataset {uri} not found",
                                    "status": "INVALID_ARGUMENT"}}
         name = f"{parent}/tuningJobs/{1000 + len(self.jobs)}"
         body = {"name": name, "baseModel": req["baseModel"], "state": VERTEX_STATES[0],
-                "createTime": _rfc3339(time.time()), "supervisedTuningSpec": spec,
+                "createTime": _rfc3339(time.time()), kind: spec,
                 "tunedModelDisplayName": req.get("tunedModelDisplayName", "")}
         self.jobs[name] = FakeJob(body, "vertex")
         return 200, body

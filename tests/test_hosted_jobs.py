@@ -208,3 +208,52 @@ def test_hosted_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and f"usage: deltatune hosted {command}" in out
     assert "2027-01-06" in out
+
+
+PAIR = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}],
+        "chosen": {"from": "gpt", "value": "Hello"}, "rejected": {"from": "gpt", "value": "Go away"}}
+
+
+@pytest.fixture
+def pairs(tmp_path: Path) -> str:
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([PAIR] * 20), encoding="utf-8")
+    return str(path)
+
+
+def test_preference_data_starts_an_openai_dpo_job(fake: FakeProviders, pairs: str) -> None:
+    job = hosted.submit(pairs, "openai", "gpt-4.1-mini-2025-04-14", epochs=2, beta=0.2, **openai_opts(fake))
+    row = json.loads(fake.uploads[0]["content"].splitlines()[0])
+    assert row == {"input": {"messages": [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "Hi"}]},
+                   "preferred_output": [{"role": "assistant", "content": "Hello"}],
+                   "non_preferred_output": [{"role": "assistant", "content": "Go away"}]}
+    method = fake.jobs[job.id].body["method"]
+    assert method == {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 2, "beta": 0.2}}}
+
+
+def test_preference_data_starts_a_vertex_preference_tuning_job(fake: FakeProviders, pairs: str) -> None:
+    job = hosted.submit(pairs, "vertex", "gemini-2.5-flash", beta=0.1, **vertex_opts(fake))
+    row = json.loads(fake.uploads[0]["content"].splitlines()[0])
+    assert row["systemInstruction"]["parts"] == [{"text": "Be brief."}]
+    assert row["contents"] == [{"role": "user", "parts": [{"text": "Hi"}]}]
+    assert row["completions"] == [{"score": 1, "completion": {"role": "model", "parts": [{"text": "Hello"}]}},
+                                  {"score": 0, "completion": {"role": "model", "parts": [{"text": "Go away"}]}}]
+    spec = fake.jobs[job.id].body["preferenceOptimizationSpec"]
+    assert spec["trainingDatasetUri"] == fake.uploads[0]["uri"] and spec["hyperParameters"]["beta"] == 0.1
+    assert "supervisedTuningSpec" not in fake.jobs[job.id].body
+
+
+def test_preference_data_is_checked_as_the_providers_check_it(fake: FakeProviders, tmp_path: Path, data: str) -> None:
+    weighted = dict(PAIR, conversations=[{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yes?",
+                                                                            "weight": 1},
+                                         {"from": "human", "value": "Again"}])
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([PAIR] * 12 + [weighted]))
+    report = hosted.check(str(path), "openai")
+    assert report.errors == [f"{path}:[12]: per-turn weights are not allowed in preference data; remove them"]
+    few = tmp_path / "few.json"
+    few.write_text(json.dumps([PAIR] * 5))
+    assert hosted.check(str(few), "vertex").errors == ["5 training examples; vertex requires at least 16"]
+    with pytest.raises(DataError, match="beta applies to preference data"):
+        hosted.submit(data, "openai", "gpt-4o-mini", beta=0.1, **openai_opts(fake))

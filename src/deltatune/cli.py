@@ -297,7 +297,7 @@ def cmd_hosted_submit(args: argparse.Namespace) -> int:
         print(hosted.OPENAI_SUNSET_NOTICE, file=sys.stderr)
     job = hosted.submit(args.data, args.provider, args.model, validation=args.validation, epochs=args.epochs,
                         lr_multiplier=args.lr_multiplier, batch_size=args.batch_size, suffix=args.suffix,
-                        fmt=args.format, **_hosted_options(args))
+                        fmt=args.format, beta=args.beta, **_hosted_options(args))
     _print_warnings(job.warnings)
     print(job.id)
     print(f"follow it with: deltatune hosted wait {job.id}", file=sys.stderr)
@@ -414,6 +414,8 @@ def _add_hosted_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--lr-multiplier", type=float, help="learning-rate multiplier")
             p.add_argument("--batch-size", type=int, help="batch size")
             p.add_argument("--suffix", help="name suffix of the tuned model (Vertex: its display name)")
+            p.add_argument("--beta", type=float, help="preference data (prompt/chosen/rejected), which starts a DPO "
+                                                      "job (OpenAI) or preference tuning (Vertex): its beta")
             p.add_argument("--staging", help="Vertex: gs://BUCKET/PREFIX the training file is uploaded to")
     for name, handler, text in (("status", cmd_hosted_status, "show a job's status"),
                                 ("events", cmd_hosted_events, "show a job's events"),

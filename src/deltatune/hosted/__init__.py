@@ -115,11 +115,13 @@ def _prepared_file(data: str, provider: str, model: str, fmt: str, system_prompt
 
 def submit(data: str, provider: str, model: str, *, validation: str | None = None, epochs: int | None = None,
            lr_multiplier: float | None = None, batch_size: int | None = None, suffix: str | None = None,
-           fmt: str = "auto", system_prompt: str | None = None, **options: Any) -> Job:
+           fmt: str = "auto", system_prompt: str | None = None, beta: float | None = None, **options: Any) -> Job:
     """Check, convert, upload and start a fine-tuning job; return its Job handle (``.warnings`` set).
 
     The data (and ``validation``) are checked first: on any error DataError is raised and nothing is
-    uploaded. ``options`` go to :func:`backend`. Raises HostedError when the provider refuses.
+    uploaded. Preference pairs start the provider's preference job (OpenAI DPO, Vertex AI preference tuning) with
+    ``beta`` (None: the provider's default). ``options`` go to :func:`backend`. Raises HostedError when the
+    provider refuses.
     """
     if provider not in PROVIDERS:
         raise HostedError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
@@ -137,8 +139,13 @@ def submit(data: str, provider: str, model: str, *, validation: str | None = Non
         client = backend(provider, **options)
         training = client.upload(train_path)
         valid_ref = client.upload(valid_path) if valid_path else None
+        preference = bool(report.examples) and report.examples[0].is_pair
+        if beta is not None and not preference:
+            raise DataError(f"{data}: beta applies to preference data (prompt/chosen/rejected); this file is "
+                            "supervised")
         info = client.create(model=model, training=training, validation=valid_ref, epochs=epochs,
-                             lr_multiplier=lr_multiplier, batch_size=batch_size, suffix=suffix)
+                             lr_multiplier=lr_multiplier, batch_size=batch_size, suffix=suffix,
+                             **({"preference": True, "beta": beta} if preference else {}))
     return Job(client, info.id, warnings)
 
 

@@ -8,6 +8,10 @@ keep their turns; ``classification`` becomes one user turn (the text, and the pa
 and one assistant turn (the label as text). ``text`` has no turns to learn a reply from, so it is
 rejected with a DataError.
 
+Preference pairs (``preference``, ``sharegpt_preference``) become each provider's preference rows: OpenAI's DPO
+shape (``input.messages``, ``preferred_output``, ``non_preferred_output``) and Vertex AI's preference tuning shape
+(``contents`` ending with a user turn, ``completions`` with scores 1 and 0).
+
 OpenAI keeps the per-turn ``weight`` (0 or 1 on assistant turns). Vertex AI has no per-turn weight: a
 weight-0 assistant turn is kept as an ordinary ``model`` turn, so the conversation stays intact, and
 Vertex trains on it like every other model turn. :func:`weight0_turns` counts them so callers can warn.
@@ -29,6 +33,9 @@ def chat_messages(example: Example) -> list[Message]:
 
     Raises DataError for plain ``text`` examples, which have no assistant turn.
     """
+    if example.is_pair:  # every turn a provider reads or counts: the prompt and both replies
+        assert example.messages is not None and example.chosen is not None and example.rejected is not None
+        return [*example.messages, example.chosen, example.rejected]
     if example.messages is not None:
         return example.messages
     if example.label is not None and example.text is not None:
@@ -40,7 +47,14 @@ def chat_messages(example: Example) -> list[Message]:
 
 
 def to_openai(example: Example) -> dict[str, Any]:
-    """Return one OpenAI chat fine-tuning row: ``{"messages": [...]}`` with ``weight`` where set."""
+    """Return one OpenAI chat fine-tuning row: ``{"messages": [...]}`` with ``weight`` where set; a preference
+    pair becomes a DPO row: ``{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output":
+    [...]}``."""
+    if example.is_pair:
+        assert example.messages is not None and example.chosen is not None and example.rejected is not None
+        return {"input": {"messages": [{"role": m.role, "content": m.content} for m in example.messages]},
+                "preferred_output": [{"role": "assistant", "content": example.chosen.content}],
+                "non_preferred_output": [{"role": "assistant", "content": example.rejected.content}]}
     messages = []
     for m in chat_messages(example):
         item: dict[str, Any] = {"role": m.role, "content": m.content}
@@ -57,7 +71,7 @@ def to_vertex(example: Example) -> dict[str, Any]:
     Weight-0 assistant turns become ordinary ``model`` turns (Vertex has no per-turn weight). Raises
     DataError for a system message after the conversation has started (Vertex has no system turns).
     """
-    messages = chat_messages(example)
+    messages = example.messages if example.is_pair and example.messages is not None else chat_messages(example)
     system: list[str] = []
     contents: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
@@ -73,6 +87,10 @@ def to_vertex(example: Example) -> dict[str, Any]:
     if system:
         row["systemInstruction"] = {"role": "system", "parts": [{"text": s} for s in system]}
     row["contents"] = contents
+    if example.is_pair:  # preference tuning: the prompt's turns, then the two replies scored 1 and 0
+        assert example.chosen is not None and example.rejected is not None
+        row["completions"] = [{"score": score, "completion": {"role": "model", "parts": [{"text": reply.content}]}}
+                              for score, reply in ((1, example.chosen), (0, example.rejected))]
     return row
 
 

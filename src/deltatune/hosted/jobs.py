@@ -87,8 +87,10 @@ class Backend(Protocol):
         ...
 
     def create(self, *, model: str, training: str, validation: str | None, epochs: int | None,
-               lr_multiplier: float | None, batch_size: int | None, suffix: str | None) -> JobInfo:
-        """Start a supervised fine-tuning job; return its first snapshot."""
+               lr_multiplier: float | None, batch_size: int | None, suffix: str | None,
+               preference: bool = False, beta: float | None = None) -> JobInfo:
+        """Start a fine-tuning job (supervised, or with ``preference`` the provider's DPO / preference tuning with
+        ``beta``); return its first snapshot."""
         ...
 
     def retrieve(self, job_id: str) -> JobInfo:

@@ -116,8 +116,9 @@ class OpenAIBackend:
 
     def create(self, *, model: str, training: str, validation: str | None = None, epochs: int | None = None,
                lr_multiplier: float | None = None, batch_size: int | None = None,
-               suffix: str | None = None) -> JobInfo:
-        """Create a supervised job (hyperparameters under ``method``); return its first snapshot."""
+               suffix: str | None = None, preference: bool = False, beta: float | None = None) -> JobInfo:
+        """Create a supervised job, or with ``preference`` a DPO job (``beta`` among its hyperparameters), the
+        hyperparameters under ``method``; return its first snapshot."""
         hyper: dict[str, Any] = {}
         if epochs is not None:
             hyper["n_epochs"] = epochs
@@ -125,8 +126,11 @@ class OpenAIBackend:
             hyper["learning_rate_multiplier"] = lr_multiplier
         if batch_size is not None:
             hyper["batch_size"] = batch_size
+        if preference and beta is not None:
+            hyper["beta"] = beta
+        kind = "dpo" if preference else "supervised"
         kwargs: dict[str, Any] = {"model": model, "training_file": training,
-                                  "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}}}
+                                  "method": {"type": kind, kind: {"hyperparameters": hyper}}}
         if validation:
             kwargs["validation_file"] = validation
         if suffix:

@@ -5,7 +5,8 @@
         print(*report.errors, sep="\n")        # "train.jsonl:7: messages[1]: field 'content' is empty; ..."
 
 Unlike training, which stops at the first bad record, this reads every record and reports each problem
-with its ``file:line``: a missing or unknown role, empty content, no assistant turn, a bad weight, an
+with its ``file:line``: a missing or unknown role, empty content, no assistant turn, a bad weight (preference
+pairs: a prompt that does not end with a user turn, a reply that is not one assistant turn), an
 example longer than the model's training context, and for Vertex AI a conversation that does not start
 with a user turn or end with a model turn. Warnings: examples with no system message, weight-0 turns on
 Vertex AI (trained on there), a set smaller than the provider recommends. Fewer examples than the
@@ -74,6 +75,21 @@ def read_examples(path: str, fmt: str = "auto", *, system_prompt: str | None = N
     return examples, errors
 
 
+def _pair_turns(example: Example, provider: str) -> list[str]:
+    """A preference pair as both providers check it: a prompt that ends with a user turn (Vertex AI: that also
+    starts with one, after any system message); the replies are one assistant turn each by construction."""
+    turns = [m for m in example.messages or [] if m.role != "system"]
+    problems = []
+    if not turns or turns[-1].role != "user":
+        problems.append(f"{example.origin}: the prompt of a preference pair must end with a user turn for {provider}")
+    if provider == "vertex" and turns and turns[0].role != "user":
+        problems.append(f"{example.origin}: the first turn after the system message must be a user turn for Vertex "
+                        f"AI (got {turns[0].role})")
+    if any(m.weight is not None for m in example.messages or []):
+        problems.append(f"{example.origin}: per-turn weights are not allowed in preference data; remove them")
+    return problems
+
+
 def _vertex_turns(example: Example) -> list[str]:
     turns = [m for m in chat_messages(example) if m.role != "system"]
     problems = []
@@ -112,7 +128,10 @@ def check_examples(examples: list[Example], provider: str, *, model: str | None 
         except DataError as err:
             report.errors.append(str(err))
             continue
-        problems = _vertex_turns(example) if provider == "vertex" else []
+        if example.is_pair:
+            problems = _pair_turns(example, provider)
+        else:
+            problems = _vertex_turns(example) if provider == "vertex" else []
         tokens = example_tokens(example, counter)
         if tokens > limit:
             approx = "" if counter.exact else " (approximate)"

@@ -156,11 +156,14 @@ class VertexBackend:
 
     def create(self, *, model: str, training: str, validation: str | None = None, epochs: int | None = None,
                lr_multiplier: float | None = None, batch_size: int | None = None,
-               suffix: str | None = None) -> JobInfo:
-        """Create a supervised tuning job from gs:// URIs; return its first snapshot."""
+               suffix: str | None = None, preference: bool = False, beta: float | None = None) -> JobInfo:
+        """Create a supervised tuning job, or with ``preference`` a preference tuning job (``beta``), from gs://
+        URIs; return its first snapshot."""
         from google.genai import types
 
+        method = {"method": types.TuningMethod.PREFERENCE_TUNING, "beta": beta} if preference else {}
         config = types.CreateTuningJobConfig(
+            **method,
             epoch_count=epochs, learning_rate_multiplier=lr_multiplier, batch_size=batch_size,
             tuned_model_display_name=suffix,
             validation_dataset=types.TuningValidationDataset(gcs_uri=validation) if validation else None)
