@@ -435,11 +435,12 @@ WORKERS = {"peft": worker_peft, "trl": worker_trl, "deltatune": worker_deltatune
 
 # ---- the parent: inputs, subprocesses, tables -------------------------------------------------------------
 
-def run_child(name: str, spec: dict[str, Any], log_dir: Path) -> dict[str, Any] | None:
-    """Run one worker in a fresh process; echo its STEP lines; return its RESULT (None on failure)."""
+def run_child(name: str, spec: dict[str, Any], log_dir: Path, script: str = __file__) -> dict[str, Any] | None:
+    """Run one worker of ``script`` (``--one NAME --spec JSON``) in a fresh process; echo its STEP lines; return its
+    RESULT (None on failure)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{spec.get('tag', name)}.log"
-    cmd = [sys.executable, __file__, "--one", name, "--spec", json.dumps(spec)]
+    cmd = [sys.executable, script, "--one", name, "--spec", json.dumps(spec)]
     result = None
     with log.open("w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
