@@ -18,7 +18,8 @@ reads those rows with a sequential sampler).
   DPO's reference under LoRA's disable switch, one no-grad forward per step.
 - ``trl dpo``: TRL's DPOTrainer with a peft LoraConfig (its reference: the adapter disabled), beta 0.1, padded
   batches of [chosen; rejected] (TRL 1.x has disabled ``padding_free`` for DPO), activation checkpointing off.
-- ``trl sft``: TRL's SFTTrainer (padding-free) on the same prompt + chosen conversations, for the SFT ratio.
+- ``trl sft``: TRL's SFTTrainer (padding-free) on the same prompts and chosen replies as prompt-completion rows
+  (loss on the reply only), for the SFT ratio.
 
 Tokens/s counts the same numerator for every preference contender: each pair's prompt once plus both replies
 (what the pair holds); the SFT contenders count prompt + chosen. Steps 2..N are timed (step 1 warms up).
@@ -140,11 +141,11 @@ def worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         from trl import SFTConfig, SFTTrainer
 
-        data = Dataset.from_list([{"messages": [*r["prompt"], {"role": "assistant", "content": r["chosen"]}]}
+        # prompt-completion rows: TRL puts the loss on the completion only, as deltatune does on the reply
+        data = Dataset.from_list([{"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["chosen"]}]}
                                   for r in rows])
         trainer = SFTTrainer(model=model, args=SFTConfig(**_trl_common(spec), padding_free=True, max_length=None,
-                                                         shuffle_dataset=False, assistant_only_loss=False,
-                                                         completion_only_loss=None),
+                                                         shuffle_dataset=False),
                              train_dataset=data, processing_class=tokenizer, peft_config=lora,
                              callbacks=[_trl_clock(torch, marks)])
     trainer.train()

@@ -108,40 +108,90 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from deltatune.delta import load_delta
     from deltatune.infer.generate import generate
 
+    tools = _read_tools(args.tools)
     delta = load_delta(args.delta, device=args.device)
     if args.merged:
         delta.method.merge(delta.loaded.model)
     replies = generate(delta.loaded.model, delta.loaded.tokenizer, list(args.prompts),
-                       max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       tools=[tools] * len(args.prompts) if tools else None)
     for reply in replies:
-        print(reply)
+        print(_shown_reply(reply, tools))
     return 0
+
+
+def _read_tools(path: str | None) -> list[dict[str, Any]] | None:
+    """The function schemas of ``--tools FILE`` (a JSON list, OpenAI's or bare schemas); None without one."""
+    if path is None:
+        return None
+    import json
+    from pathlib import Path
+
+    from deltatune.data.tools import normalize_tools
+    from deltatune.errors import DataError
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise DataError(f"--tools: cannot read {path} ({err.strerror}); give a JSON file of function schemas"
+                        ) from None
+    try:
+        return normalize_tools(json.loads(text), path)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); --tools takes a JSON list of function "
+                        "schemas") from None
+
+
+def _shown_reply(reply: str, tools: list[dict[str, Any]] | None) -> str:
+    """A reply as the CLI prints it: its text, then each parsed tool call as ``tool call: {json}``."""
+    if not tools:
+        return reply
+    from deltatune.data.tools import parse_tool_calls
+
+    parsed = parse_tool_calls(reply)
+    lines = [parsed.content] if parsed.content else []
+    lines += [f"tool call: {call.as_json()}" for call in parsed.calls]
+    lines += ["(a tool call that does not parse: " + reply + ")"] if parsed.malformed else []
+    return "\n".join(lines)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Chat interactively with a base model plus a delta (empty line or Ctrl-D to quit)."""
+    from deltatune.data.tools import parse_tool_calls
     from deltatune.delta import load_delta
     from deltatune.infer.generate import generate
 
+    tools = _read_tools(args.tools)
     delta = load_delta(args.delta, device=args.device)
     if args.merged:
         delta.method.merge(delta.loaded.model)
-    history: list[dict[str, str]] = []
+    history: list[dict[str, Any]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
-    print("chat with the delta; an empty line or Ctrl-D quits", flush=True)
+    print("chat with the delta; an empty line or Ctrl-D quits"
+          + ("; when it calls a tool, type the tool's result" if tools else ""), flush=True)
+    prompt = "you> "
     while True:
         try:
-            text = input("you> ").strip()
+            text = input(prompt).strip()
         except EOFError:
             break
         if not text:
             break
-        history.append({"role": "user", "content": text})
-        reply = generate(delta.loaded.model, delta.loaded.tokenizer, [history],
+        if prompt == "you> ":
+            history.append({"role": "user", "content": text})
+        else:  # the result of the call the model just made
+            history.append({"role": "tool", "content": text, "tool_call_id": history[-1]["tool_calls"][0]["id"]})
+        reply = generate(delta.loaded.model, delta.loaded.tokenizer, [history], tools=[tools] if tools else None,
                          max_new_tokens=args.max_new_tokens, temperature=args.temperature)[0]
-        history.append({"role": "assistant", "content": reply})
-        print(f"model> {reply}", flush=True)
+        parsed = parse_tool_calls(reply) if tools else None
+        if parsed is not None and parsed.calls:
+            history.append({"role": "assistant", "content": parsed.content, "tool_calls": [parsed.calls[0].openai()]})
+            prompt = f"tool {parsed.calls[0].name}> "
+        else:
+            history.append({"role": "assistant", "content": reply})
+            prompt = "you> "
+        print(f"model> {_shown_reply(reply, tools)}", flush=True)
     return 0
 
 
@@ -153,7 +203,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from deltatune.config import load_config
     from deltatune.data import load_examples, tokenize_examples
     from deltatune.delta import load_delta
-    from deltatune.evaluate import eval_loss, exact_match
+    from deltatune.evaluate import eval_loss, exact_match, has_tool_calls, tool_call_accuracy
     from deltatune.training.shape import batching_mode
 
     run_file = Path(args.delta) / "run.yaml"
@@ -179,7 +229,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     figures: dict[str, object] = eval_loss(model, tokenized, task=task, batch_size=args.batch_size, mode=mode,
                                            pad_id=tokenizer.pad_token_id or 0, device=delta.loaded.device)
     if args.generations and task == "causal_lm":
-        figures.update({k: v for k, v in exact_match(model, tokenizer, examples, limit=args.generations).items()
+        measure = tool_call_accuracy if has_tool_calls(examples) else exact_match  # calls compared as objects
+        figures.update({k: v for k, v in measure(model, tokenizer, examples, limit=args.generations).items()
                         if k != "samples"})
     figures["examples"] = report.n_kept
     print(json.dumps(figures))
@@ -509,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--system", help="a system message")
         p.add_argument("--merged", action="store_true", help="fold the delta into the weights first")
+        p.add_argument("--tools", metavar="FILE", help="a JSON list of function schemas the model may call "
+                                                       "(rendered as in training; calls printed as JSON)")
         p.add_argument("--max-new-tokens", type=int, default=256)
         p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
         p.add_argument("--device", default="auto")
@@ -519,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="a data file in any supported format")
     p.add_argument("--format", help="data format (default: the run's data.format)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--generations", type=int, default=0, help="exact match of greedy replies on N examples")
+    p.add_argument("--generations", type=int, default=0, help="exact match of greedy replies on N examples "
+                   "(tool-calling data: tool-call accuracy and parse rate on N call turns)")
     p.add_argument("--device", default="auto")
     p.set_defaults(handler=cmd_eval)
 

@@ -71,7 +71,8 @@ class DataConfig(Section):
     eval: str | float | None = 0.1
     """Eval data: a file, or a fraction (0-0.5) of the training data to hold out, or null for none."""
     format: Literal[
-        "auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "classification"
+        "auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "classification", "preference",
+        "sharegpt_preference"
     ] = "auto"
     """Example format; `auto` detects it from the fields of the first example."""
     max_length: int = Field(default=512, ge=8)
@@ -89,6 +90,10 @@ class DataConfig(Section):
     """Hub data sets: the split to read."""
     max_examples: int | None = Field(default=None, ge=1)
     """Use only the first N training examples."""
+    on_invalid: Literal["error", "skip"] = "error"
+    """A malformed record (a bad field, a tool call whose arguments are not JSON, a tool result with no call before
+    it, a call to a function missing from the record's tools): `error` stops with file:line before training;
+    `skip` leaves it out and says how many were left out and why (the first few)."""
 
     @field_validator("eval")
     @classmethod

@@ -14,6 +14,7 @@ from deltatune.compute.loss import causal_lm_loss_sum, classification_loss_sum
 from deltatune.compute.preference import STAT_KEYS, PreferenceObjective, reply_logps
 from deltatune.data import Example, TokenizedExample, collate, split_by_tokens
 from deltatune.data.pairs import TokenizedPair, collate_pairs
+from deltatune.data.tools import ToolCall, parse_tool_calls
 from deltatune.infer.generate import generate
 
 
@@ -118,3 +119,53 @@ def exact_match(model: nn.Module, tokenizer: Any, examples: list[Example], *, li
     samples = [{"prompt": p[-1]["content"], "reference": r, "reply": out}
                for (p, r), out in zip(pairs[:3], replies[:3], strict=True)]
     return {"exact_match": sum(hits) / len(hits), "n": len(hits), "samples": samples}
+
+
+def has_tool_calls(examples: Sequence[Example]) -> bool:
+    """True when some example's conversation has an assistant turn that calls a function."""
+    return any(m.tool_calls for ex in examples for m in ex.messages or [])
+
+
+def _call_key(call: ToolCall) -> tuple[str, str]:
+    import json
+
+    return call.name, json.dumps(call.arguments, sort_keys=True)
+
+
+def tool_call_accuracy(model: nn.Module, tokenizer: Any, examples: list[Example], *, limit: int,
+                       max_new_tokens: int = 96, batch_size: int = 16) -> dict[str, Any]:
+    """Generate greedily at the assistant turns of held-out tool-calling conversations (each from the conversation
+    before it, tools rendered as in training) and compare the calls with the reference's.
+
+    Returns ``tool_call_accuracy``: the share of the (up to ``limit``) turns where the reference calls a function
+    at which the model makes the same calls: the right function names and arguments that parse as JSON and equal
+    the reference's as objects (key order and whitespace do not matter, types do); ``tool_call_parse_rate``: the
+    share of the model's attempted calls that parse; ``tool_call_false_calls``: the share of (up to ``limit``)
+    turns where the reference answers in text but the model calls; the counts ``n`` and ``n_text``; samples."""
+    call_turns, text_turns = [], []
+    for ex in examples:
+        for i, m in enumerate(ex.messages or []):
+            if m.role == "assistant" and i > 0:
+                (call_turns if m.tool_calls else text_turns).append((ex.messages[:i], ex.tools, m))  # type: ignore[index]
+    call_turns, text_turns = call_turns[:limit], text_turns[:limit]
+    if not call_turns:
+        return {"tool_call_accuracy": float("nan"), "n": 0, "samples": []}
+    replies = generate(model, tokenizer, [p for p, _, _ in call_turns], max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, tools=[t for _, t, _ in call_turns])
+    # a text turn only needs to show whether the model starts a call: a few tokens
+    text_replies = generate(model, tokenizer, [p for p, _, _ in text_turns], max_new_tokens=12,
+                            batch_size=batch_size, tools=[t for _, t, _ in text_turns]) if text_turns else []
+    hits, attempted, parsed = 0, 0, 0
+    samples = []
+    for (_, _, reference), reply in zip(call_turns, replies, strict=True):
+        got = parse_tool_calls(reply)
+        attempted += got.attempted
+        parsed += len(got.calls)
+        ok = sorted(map(_call_key, got.calls)) == sorted(map(_call_key, reference.tool_calls or []))
+        hits += ok
+        if len(samples) < 3:
+            samples.append({"reference": [c.as_json() for c in reference.tool_calls or []], "reply": reply, "ok": ok})
+    false_calls = sum(parse_tool_calls(r).attempted > 0 or "<tool_call>" in r for r in text_replies)
+    return {"tool_call_accuracy": hits / len(call_turns), "tool_call_parse_rate": parsed / attempted if attempted
+            else float("nan"), "tool_call_false_calls": false_calls / len(text_turns) if text_turns else float("nan"),
+            "n": len(call_turns), "n_text": len(text_turns), "samples": samples}

@@ -46,6 +46,8 @@ def task_metric(task: str, eval_end: dict[str, float], generation_end: dict[str,
     match when replies were compared with references, else (None, None)."""
     if "eval_reward_accuracy" in eval_end:
         return "reward_accuracy", eval_end["eval_reward_accuracy"]
+    if "tool_call_accuracy" in generation_end:
+        return "tool_call_accuracy", generation_end["tool_call_accuracy"]
     if task == "classification":
         return "accuracy", eval_end.get("eval_accuracy")
     if generation_end.get("n"):

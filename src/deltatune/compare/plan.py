@@ -138,7 +138,7 @@ def load_plan(path: str | Path | None, overrides: list[str] | None = None, *, me
 def plan_from_tree(tree: dict[str, Any], source: str = "config", *, methods: list[str] | None = None,
                    out: str | Path | None = None) -> ComparePlan:
     """Return the plan for a raw config tree holding an optional ``compare:`` section (see load_plan)."""
-    from deltatune.evaluate import reference_pairs
+    from deltatune.evaluate import has_tool_calls, reference_pairs
     from deltatune.methods import registered_methods
     from deltatune.training.optim import peak_learning_rates
     from deltatune.training.setup import load_run_data
@@ -177,8 +177,10 @@ def plan_from_tree(tree: dict[str, Any], source: str = "config", *, methods: lis
 
     data = load_run_data(base_cfg, out_dir)  # checks every data line before anything trains
     has_refs = data.task == "causal_lm" and bool(reference_pairs(data.eval))
+    tools = has_tool_calls(data.eval)
     metric = ("reward_accuracy" if data.pairs else "accuracy" if data.task == "classification"
-              else "exact_match" if has_refs else None)
+              else "tool_call_accuracy" if tools else "exact_match" if has_refs else None)
+    has_refs = has_refs or tools  # tool calls are compared by generating, as exact match is
 
     plans: list[MethodPlan] = []
     for key in chosen:

@@ -21,7 +21,8 @@ from deltatune.compare.plan import ComparePlan
 from deltatune.compare.runner import fmt_seconds
 from deltatune.files import write_text_atomic
 
-METRIC_NAMES = {"accuracy": "accuracy", "exact_match": "exact match", "reward_accuracy": "reward accuracy"}
+METRIC_NAMES = {"accuracy": "accuracy", "exact_match": "exact match", "reward_accuracy": "reward accuracy",
+                "tool_call_accuracy": "tool-call accuracy"}
 ERROR_CELL = 160  # characters of a failure shown in the table (the verdict and results.json have all of it)
 
 

@@ -30,16 +30,17 @@ from deltatune.data.tokenize import (
 
 
 def load_examples(path: str, fmt: str = "auto", *, split: str = "train", max_examples: int | None = None,
-                  system_prompt: str | None = None) -> list[Example]:
+                  system_prompt: str | None = None, skipped: list[str] | None = None) -> list[Example]:
     """Read a data file (or ``hub:NAME``) and convert it to Examples of one format.
 
-    ``max_examples`` keeps only the first N records. Returns the examples in file order; raises
-    DataError naming the file and line of the first problem.
+    ``max_examples`` keeps only the first N records. Returns the examples in file order; raises DataError
+    naming the file and line of the first problem, or with a ``skipped`` list collects each bad record's error
+    there and leaves the record out (``data.on_invalid: skip``).
     """
     records = read_records(path, split=split)
     if max_examples is not None:
         records = records[:max_examples]
-    return to_examples(records, fmt, system_prompt=system_prompt)
+    return to_examples(records, fmt, system_prompt=system_prompt, skipped=skipped)
 
 
 __all__ = [

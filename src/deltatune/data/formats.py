@@ -6,8 +6,12 @@
 Formats and the fields they need:
 
 - ``alpaca``: ``instruction``, ``output``, optional ``input`` and ``system``
-- ``messages``: ``messages``: [{role: system|user|assistant, content, weight?: 0|1}] (OpenAI style)
-- ``sharegpt``: ``conversations``: [{from: human|user|gpt|assistant|chatgpt|system, value}], optional ``system``
+- ``messages``: ``messages``: [{role: system|user|assistant|tool, content, weight?: 0|1}] (OpenAI style), with
+  tool calling as OpenAI writes it: assistant ``tool_calls`` [{id, type, function: {name, arguments}}], ``tool``
+  messages with ``tool_call_id``, and the record's ``tools`` (function schemas)
+- ``sharegpt``: ``conversations``: [{from: human|user|gpt|assistant|chatgpt|system|function_call|observation,
+  value}], optional ``system``; ``function_call`` turns hold ``{"name", "arguments"}`` (JSON), ``observation``
+  turns the result, ``tools`` a list of schemas or a JSON string of one (LLaMA-Factory's shape)
 - ``prompt_completion``: ``prompt``, ``completion`` (one user turn, one assistant turn)
 - ``classification``: ``label`` plus ``text`` or ``sentence`` (or ``sentence1``/``sentence2``)
 - ``text``: ``text`` only (plain language modelling)
@@ -25,28 +29,43 @@ Preference pairs (for ``train.objective`` dpo, ipo, simpo, orpo): a prompt and t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from deltatune.data.tools import (
+    ToolCall,
+    normalize_tools,
+    parse_call,
+    parse_openai_call,
+    tool_names,
+)
 from deltatune.errors import DataError
 
 FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "classification", "text", "preference",
            "sharegpt_preference")
 PREFERENCE_FORMATS = frozenset({"preference", "sharegpt_preference"})
 CHAT_FORMATS = frozenset({"alpaca", "messages", "sharegpt", "prompt_completion"})
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "system": "system"}
+                  "chatgpt": "assistant", "system": "system", "function_call": "assistant", "observation": "tool"}
+ON_INVALID = ("error", "skip")
 
 
 @dataclass
 class Message:
-    """One turn of a conversation; ``weight`` 0 excludes an assistant turn from the loss (OpenAI style)."""
+    """One turn of a conversation; ``weight`` 0 excludes an assistant turn from the loss (OpenAI style).
+
+    An assistant turn may carry ``tool_calls``; a ``tool`` turn is one call's result (``tool_call_id``, and the
+    called function's ``name``)."""
 
     role: str
     content: str
     weight: float | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 @dataclass
@@ -63,6 +82,7 @@ class Example:
     label: int | str | None = None
     chosen: Message | None = None
     rejected: Message | None = None
+    tools: list[dict[str, Any]] | None = None  # function schemas, OpenAI's {type: function, function: {...}}
 
     @property
     def is_pair(self) -> bool:
@@ -125,6 +145,40 @@ def _check_turns(messages: list[Message], origin: str) -> list[Message]:
     return messages
 
 
+def _link_tool_turns(messages: list[Message], tools: list[dict[str, Any]] | None, origin: str, key: str
+                     ) -> list[Message]:
+    """Check a conversation's calls and results: every result answers a call made before it (its id, or the oldest
+    unanswered call), every called function is among the schemas (when the record has any)."""
+    known = tool_names(tools)
+    pending: list[ToolCall] = []
+    for i, m in enumerate(messages):
+        where = f"{origin}: {key}[{i}]"
+        for call in m.tool_calls or []:
+            call.id = call.id or f"call_{i}_{len(pending)}"  # ShareGPT calls have none: results must name theirs
+            if tools is not None and call.name not in known:
+                raise DataError(f"{where}: calls {call.name!r}, which is not among the record's tools "
+                                f"({', '.join(sorted(known)) or 'none'}); add its schema or fix the name")
+            pending.append(call)
+        if m.role != "tool":
+            continue
+        if not pending:
+            raise DataError(f"{where}: a tool result with no function call before it; put the assistant's call "
+                            "first or remove the result")
+        match = next((c for c in pending if m.tool_call_id and c.id == m.tool_call_id), None)
+        if m.tool_call_id and match is None and any(c.id for c in pending):
+            raise DataError(f"{where}: tool_call_id {m.tool_call_id!r} answers no earlier call")
+        call = match or pending[0]
+        pending.remove(call)
+        m.name = m.name or call.name
+        m.tool_call_id = m.tool_call_id or call.id
+    return messages
+
+
+def _record_tools(record: dict[str, Any], origin: str) -> list[dict[str, Any]] | None:
+    raw = record.get("tools")
+    return None if raw is None else normalize_tools(raw, origin)
+
+
 def _message_list(raw: Any, key: str, origin: str) -> list[Message]:
     """Parse a list of ``{role, content}`` objects held in field ``key``; raises DataError naming the item."""
     if not isinstance(raw, list) or not raw:
@@ -137,14 +191,30 @@ def _message_list(raw: Any, key: str, origin: str) -> list[Message]:
         role = item.get("role")
         if role not in ROLES:
             raise DataError(f"{where}: unknown role {role!r}; use one of {', '.join(ROLES)}")
-        content = _field(item, "content", where)
-        assert content is not None
-        messages.append(Message(role, content, _weight(item.get("weight"), role, where)))
+        raw_calls = item.get("tool_calls") if role == "assistant" else None
+        if raw_calls is not None and (not isinstance(raw_calls, list) or not raw_calls):
+            raise DataError(f"{where}: tool_calls must be a non-empty list of calls")
+        calls = [parse_openai_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(raw_calls or [])]
+        content = _field(item, "content", where, required=not calls, allow_empty=bool(calls)) or ""
+        message = Message(role, content, _weight(item.get("weight"), role, where), tool_calls=calls or None)
+        if role == "tool":
+            call_id = item.get("tool_call_id")
+            message.tool_call_id = call_id if isinstance(call_id, str) else None
+            message.name = item.get("name") if isinstance(item.get("name"), str) else None
+        messages.append(message)
     return messages
 
 
+def parse_messages(raw: list[Any], tools: list[dict[str, Any]] | None = None, origin: str = "messages"
+                   ) -> list[Message]:
+    """Parse OpenAI-style chat messages (tool calls and results included, linked and checked against ``tools``)
+    into Messages; raises DataError naming the bad message."""
+    return _link_tool_turns(_message_list(raw, "messages", origin), tools, origin, "messages")
+
+
 def _from_messages(record: dict[str, Any], origin: str) -> list[Message]:
-    return _check_turns(_message_list(record.get("messages"), "messages", origin), origin)
+    messages = _check_turns(_message_list(record.get("messages"), "messages", origin), origin)
+    return _link_tool_turns(messages, _record_tools(record, origin), origin, "messages")
 
 
 def _sharegpt_turn(item: Any, where: str) -> Message:
@@ -157,6 +227,10 @@ def _sharegpt_turn(item: Any, where: str) -> Message:
     value = _field(item, "value", where)
     assert value is not None
     role = SHAREGPT_ROLES[speaker]
+    if speaker == "function_call":  # one call, or a list of parallel calls
+        parsed = _json_value(value, where)
+        calls = [parse_call(c, where) for c in parsed] if isinstance(parsed, list) else [parse_call(parsed, where)]
+        return Message("assistant", "", _weight(item.get("weight"), role, where), tool_calls=calls)
     return Message(role, value, _weight(item.get("weight"), role, where))
 
 
@@ -170,7 +244,16 @@ def _sharegpt_turns(record: dict[str, Any], origin: str) -> list[Message]:
 
 
 def _from_sharegpt(record: dict[str, Any], origin: str) -> list[Message]:
-    return _check_turns(_sharegpt_turns(record, origin), origin)
+    messages = _check_turns(_sharegpt_turns(record, origin), origin)
+    return _link_tool_turns(messages, _record_tools(record, origin), origin, "conversations")
+
+
+def _json_value(value: str, where: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: the function call is not valid JSON ({err.msg} at column {err.colno}); fix "
+                        "the JSON") from None
 
 
 def _check_prompt(prompt: list[Message], origin: str) -> list[Message]:
@@ -275,6 +358,8 @@ def to_example(record: dict[str, Any], origin: str, fmt: str, *, system_prompt: 
     if fmt in _CHAT_READERS or fmt in _PAIR_READERS:
         example = (Example(origin, messages=_CHAT_READERS[fmt](record, origin)) if fmt in _CHAT_READERS
                    else _PAIR_READERS[fmt](record, origin))
+        if fmt in ("messages", "sharegpt"):
+            example.tools = _record_tools(record, origin)
         assert example.messages is not None
         if system_prompt and example.messages[0].role != "system":
             example.messages.insert(0, Message("system", system_prompt))
@@ -287,11 +372,12 @@ def to_example(record: dict[str, Any], origin: str, fmt: str, *, system_prompt: 
 
 
 def to_examples(records: Iterable[tuple[str, dict[str, Any]]], fmt: str = "auto", *,
-                system_prompt: str | None = None) -> list[Example]:
+                system_prompt: str | None = None, skipped: list[str] | None = None) -> list[Example]:
     """Convert ``(origin, record)`` pairs to Examples of one format, validating each record.
 
     ``auto`` detects the format once from the first record; every record must then fit that format.
-    Returns the examples in order; raises DataError naming the record's origin on the first bad one.
+    Returns the examples in order; raises DataError naming the record's origin on the first bad one, or, given a
+    ``skipped`` list (``data.on_invalid: skip``), appends each bad record's error to it and goes on.
     """
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"unknown data.format {fmt!r}; use auto or one of {', '.join(FORMATS)}")
@@ -303,6 +389,9 @@ def to_examples(records: Iterable[tuple[str, dict[str, Any]]], fmt: str = "auto"
         try:
             examples.append(to_example(record, origin, fmt, system_prompt=system_prompt))
         except DataError as err:
+            if skipped is not None:
+                skipped.append(str(err))
+                continue
             if detected_at and detected_at != origin:
                 raise DataError(f"{err} (the format was detected as {fmt} from {detected_at}; every "
                                 "example must have that format, or set data.format)") from None

@@ -27,7 +27,7 @@ import torch
 
 from deltatune.data.chat import ChatRenderer
 from deltatune.data.formats import Example, Message
-from deltatune.data.tokenize import IGNORE_INDEX, TokenizeReport, _encode_with_offsets, _label_tokens, _too_long
+from deltatune.data.tokenize import IGNORE_INDEX, TokenizeReport, encode_with_offsets, label_tokens, too_long_error
 from deltatune.errors import DataError
 
 
@@ -90,18 +90,18 @@ def tokenize_pairs(examples: Sequence[Example], tokenizer: Any, *, max_length: i
         for text, sp in _render_pair(ex, renderer):
             texts.append(text)
             spans.append(sp)
-    encoded = _encode_with_offsets(tokenizer, texts, spans) if texts else []
+    encoded = encode_with_offsets(tokenizer, texts, spans) if texts else []
     kept: list[TokenizedPair] = []
     for k, ex in enumerate(examples):
         (ids_c, off_c), (ids_r, off_r) = encoded[2 * k], encoded[2 * k + 1]
-        lab_c = _label_tokens(ids_c, off_c, spans[2 * k], special_ids)
-        lab_r = _label_tokens(ids_r, off_r, spans[2 * k + 1], special_ids)
+        lab_c = label_tokens(ids_c, off_c, spans[2 * k], special_ids)
+        lab_r = label_tokens(ids_r, off_r, spans[2 * k + 1], special_ids)
         p = min(_common_prefix(ids_c, ids_r), _first_supervised(lab_c), _first_supervised(lab_r))
         longest = max(len(ids_c), len(ids_r))
         truncated = False
         if longest > max_length:
             if truncation == "error":
-                raise _too_long(ex.origin, longest, max_length)
+                raise too_long_error(ex.origin, longest, max_length)
             if truncation == "drop" or p >= max_length - 1:
                 report.drop(f"longer than {max_length} tokens")
                 continue

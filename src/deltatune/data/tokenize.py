@@ -115,9 +115,10 @@ def _class_id(example: Example, label2id: dict[str, int] | None) -> int:
                     "to map label names to ids")
 
 
-def _label_tokens(ids: list[int], offsets: Sequence[tuple[int, int]], spans: list[Span],
+def label_tokens(ids: list[int], offsets: Sequence[tuple[int, int]], spans: list[Span],
                   special_ids: set[int]) -> list[int]:
-    """Labels: the token id where the token starts inside a span, else IGNORE_INDEX."""
+    """Return the loss labels of a rendered text's tokens: the token id where the token starts inside a span (and,
+    for a fallback span, the special tokens right after it), else IGNORE_INDEX."""
     labels = [IGNORE_INDEX] * len(ids)
     j = 0
     last_in: dict[int, int] = {}
@@ -136,9 +137,10 @@ def _label_tokens(ids: list[int], offsets: Sequence[tuple[int, int]], spans: lis
     return labels
 
 
-def _encode_with_offsets(tokenizer: Any, texts: list[str], all_spans: list[list[Span]]
+def encode_with_offsets(tokenizer: Any, texts: list[str], all_spans: list[list[Span]]
                          ) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """Token ids and character offsets of each text (fast tokenizers), or a piecewise equivalent."""
+    """Return the token ids and character offsets of each text (fast tokenizers), or for slow tokenizers the same
+    from tokenizing the pieces between span edges."""
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         return [(list(ids), [tuple(o) for o in offs])
@@ -167,7 +169,8 @@ def _causal_candidates(examples: Sequence[Example], tokenizer: Any, train_on_pro
     chat_idx, texts, spans, plain_idx = [], [], [], []
     for i, ex in enumerate(examples):
         if ex.messages is not None:
-            rendered = renderer.render_with_spans(ex.messages, ex.origin, train_on_prompt=train_on_prompt)
+            rendered = renderer.render_with_spans(ex.messages, ex.origin, train_on_prompt=train_on_prompt,
+                                                  tools=ex.tools)
             chat_idx.append(i)
             texts.append(rendered.text)
             spans.append(rendered.spans)
@@ -179,9 +182,9 @@ def _causal_candidates(examples: Sequence[Example], tokenizer: Any, train_on_pro
         else:
             raise DataError(f"{ex.origin}: the example has neither messages nor text")
     if chat_idx:
-        encoded_chats = _encode_with_offsets(tokenizer, texts, spans)
+        encoded_chats = encode_with_offsets(tokenizer, texts, spans)
         for i, (ids, offsets), sp in zip(chat_idx, encoded_chats, spans, strict=True):
-            results[i] = (ids, _label_tokens(ids, offsets, sp, special_ids))
+            results[i] = (ids, label_tokens(ids, offsets, sp, special_ids))
     if plain_idx:
         encoded = tokenizer([examples[i].text for i in plain_idx])["input_ids"]
         for i, ids in zip(plain_idx, encoded, strict=True):
@@ -211,7 +214,8 @@ def _classification_candidates(examples: Sequence[Example], tokenizer: Any
     return [r for r in results if r is not None]
 
 
-def _too_long(origin: str, n: int, max_length: int) -> DataError:
+def too_long_error(origin: str, n: int, max_length: int) -> DataError:
+    """Return the error for an example of ``n`` tokens over ``max_length`` under ``data.truncation: error``."""
     return DataError(f"{origin}: example is {n} tokens, longer than data.max_length={max_length}; raise "
                      "max_length or set data.truncation to drop|truncate")
 
@@ -240,7 +244,7 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Any, *, task: str,
             truncated = False
             if len(ids) > max_length:
                 if truncation == "error":
-                    raise _too_long(ex.origin, len(ids), max_length)
+                    raise too_long_error(ex.origin, len(ids), max_length)
                 if truncation == "drop":
                     report.drop(f"longer than {max_length} tokens")
                     continue
@@ -256,7 +260,7 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Any, *, task: str,
             truncated = False
             if len(enc["input_ids"]) > max_length:
                 if truncation == "error":
-                    raise _too_long(ex.origin, len(enc["input_ids"]), max_length)
+                    raise too_long_error(ex.origin, len(enc["input_ids"]), max_length)
                 if truncation == "drop":
                     report.drop(f"longer than {max_length} tokens")
                     continue

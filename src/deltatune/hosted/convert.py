@@ -19,6 +19,7 @@ Vertex trains on it like every other model turn. :func:`weight0_turns` counts th
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from deltatune.data import Example, Message
@@ -58,10 +59,17 @@ def to_openai(example: Example) -> dict[str, Any]:
     messages = []
     for m in chat_messages(example):
         item: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:  # OpenAI's shape: arguments as a JSON string, content null when there is no text
+            item.update(content=m.content or None, tool_calls=[c.openai() for c in m.tool_calls])
+        if m.role == "tool":
+            item["tool_call_id"] = m.tool_call_id
         if m.weight is not None:
             item["weight"] = int(m.weight)
         messages.append(item)
-    return {"messages": messages}
+    row: dict[str, Any] = {"messages": messages}
+    if example.tools:
+        row["tools"] = example.tools
+    return row
 
 
 def to_vertex(example: Example) -> dict[str, Any]:
@@ -82,16 +90,39 @@ def to_vertex(example: Example) -> dict[str, Any]:
                                 "to the start")
             system.append(m.content)
             continue
-        contents.append({"role": VERTEX_ROLES[m.role], "parts": [{"text": m.content}]})
+        if m.role == "tool":  # Gemini: a user turn of functionResponse parts (consecutive results share it)
+            part = {"functionResponse": {"name": m.name, "response": _response_object(m.content)}}
+            if contents and contents[-1].get("_results"):
+                contents[-1]["parts"].append(part)
+            else:
+                contents.append({"role": "user", "parts": [part], "_results": True})
+            continue
+        parts: list[dict[str, Any]] = [{"text": m.content}] if m.content or not m.tool_calls else []
+        parts += [{"functionCall": {"name": c.name, "args": c.arguments}} for c in m.tool_calls or []]
+        contents.append({"role": VERTEX_ROLES[m.role], "parts": parts})
+    for turn in contents:
+        turn.pop("_results", None)
     row: dict[str, Any] = {}
     if system:
         row["systemInstruction"] = {"role": "system", "parts": [{"text": s} for s in system]}
+    if example.tools:
+        row["tools"] = [{"functionDeclarations": [t["function"] for t in example.tools]}]
     row["contents"] = contents
     if example.is_pair:  # preference tuning: the prompt's turns, then the two replies scored 1 and 0
         assert example.chosen is not None and example.rejected is not None
         row["completions"] = [{"score": score, "completion": {"role": "model", "parts": [{"text": reply.content}]}}
                               for score, reply in ((1, example.chosen), (0, example.rejected))]
     return row
+
+
+def _response_object(content: str) -> dict[str, Any]:
+    """A tool result as Gemini's ``functionResponse.response`` (an object): the JSON object the result holds, else
+    ``{"content": text}``."""
+    try:
+        value = json.loads(content)
+    except json.JSONDecodeError:
+        return {"content": content}
+    return value if isinstance(value, dict) else {"content": value}
 
 
 def convert(example: Example, provider: str) -> dict[str, Any]:

@@ -85,10 +85,16 @@ def token_counter(model: str, provider: str = "openai") -> TokenCounter:
 
 
 def example_tokens(example: Example, counter: TokenCounter) -> int:
-    """Return the tokens of one example in chat format (content, roles and per-message overhead)."""
+    """Return the tokens of one example in chat format (content, roles and per-message overhead; tool calls and the
+    function schemas counted as their JSON text)."""
+    import json
+
     total = TOKENS_REPLY_PRIMING
     for m in chat_messages(example):
         total += TOKENS_PER_MESSAGE + counter(m.role) + counter(m.content)
+        total += sum(counter(call.as_json()) for call in m.tool_calls or [])
+    if example.tools:
+        total += counter(json.dumps(example.tools))
     return total
 
 

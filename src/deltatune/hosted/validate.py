@@ -92,6 +92,7 @@ def _pair_turns(example: Example, provider: str) -> list[str]:
 
 def _vertex_turns(example: Example) -> list[str]:
     turns = [m for m in chat_messages(example) if m.role != "system"]
+    turns = [m if m.role != "tool" else type(m)("user", m.content) for m in turns]  # results are user turns there
     problems = []
     if not turns or turns[0].role != "user":
         problems.append(f"{example.origin}: the first turn after the system message must be a user turn "

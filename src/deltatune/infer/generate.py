@@ -7,35 +7,41 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.data.chat import fallback_render
+from deltatune.data.chat import ChatRenderer
+from deltatune.data.formats import Message, parse_messages
+
+Prompt = list[dict[str, Any]] | list[Message]
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """Return the chat-template text for ``messages`` followed by the assistant header."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # tokenizers without a template: exactly the rendering the model was trained on
-    return fallback_render(messages, add_generation_prompt=True, eos=tokenizer.eos_token or "")
+def render_prompt(tokenizer: Any, messages: Prompt, tools: list[dict[str, Any]] | None = None) -> str:
+    """Return the chat-template text for ``messages`` (Messages, or OpenAI-style dicts, tool calls and results
+    included) followed by the assistant header, with ``tools`` rendered exactly as in training."""
+    parsed = [m for m in messages if isinstance(m, Message)]
+    if len(parsed) != len(messages):
+        parsed = parse_messages(list(messages), tools)
+    return ChatRenderer(tokenizer).prompt(parsed, tools)
 
 
 @torch.no_grad()
 def generate(
     model: nn.Module,
     tokenizer: Any,
-    prompts: list[list[dict[str, str]]] | list[str],
+    prompts: list[Prompt] | list[str],
     *,
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_p: float = 1.0,
     batch_size: int = 16,
+    tools: list[list[dict[str, Any]] | None] | None = None,
 ) -> list[str]:
     """Return the reply to each prompt (a user string or a list of chat messages), without the prompt.
 
-    Prompts are left-padded in batches; ``temperature`` 0 means greedy decoding.
+    Prompts are left-padded in batches; ``temperature`` 0 means greedy decoding. ``tools``: each prompt's function
+    schemas (rendered as in training; parse the replies with ``data.tools.parse_tool_calls``).
     """
     device = next(model.parameters()).device
-    texts = [render_prompt(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p)
-             for p in prompts]
+    texts = [render_prompt(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p,
+                           tools[k] if tools else None) for k, p in enumerate(prompts)]
     replies: list[str] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"

@@ -5,10 +5,14 @@
     POST /v1/chat/completions        messages -> reply (``stream``: server-sent events, ``data: [DONE]`` last)
     POST /v1/completions             prompt -> continuation
 
-``model`` chooses the delta (or the base). Errors have OpenAI's body, ``{"error": {"message", "type", "param",
-"code"}}``: 400 for a malformed body or value or a prompt longer than the context, 401 for a missing or wrong key
-(when the server has one; the key is never logged), 404 for an unknown model, 429 with ``Retry-After`` when the
-queue is full.
+``model`` chooses the delta (or the base). ``tools`` (OpenAI's function schemas) are rendered as the model was trained
+with them (``data/tools.py``); a reply that calls functions comes back as ``message.tool_calls`` (with ids) and
+``finish_reason: "tool_calls"``, and a reply whose call does not parse comes back as text. With tools, a streamed
+reply is sent when it is complete (its calls are parsed first). ``tool_choice: "none"`` renders no tools.
+
+Errors have OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for a malformed body or value
+or a prompt longer than the context, 401 for a missing or wrong key (when the server has one; the key is never
+logged), 404 for an unknown model, 429 with ``Retry-After`` when the queue is full.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from deltatune.errors import DeltatuneError
+from deltatune.data.tools import normalize_tools, parse_tool_calls
+from deltatune.errors import DataError, DeltatuneError
 from deltatune.infer.generate import render_prompt
 from deltatune.serving.engine import Engine, Event, QueueFull, SamplingParams
 from deltatune.serving.engine import Request as EngineRequest
@@ -52,8 +57,18 @@ class Message(BaseModel):
     """A chat message (text content; a list of text parts is joined)."""
 
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as data/formats parses it (developer is a system message)."""
+        item: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        item.update({k: v for k, v in (("tool_calls", self.tool_calls), ("tool_call_id", self.tool_call_id),
+                                       ("name", self.name)) if v is not None})
+        return item
 
     def text(self) -> str:
         """Return the message's text."""
@@ -98,6 +113,17 @@ class ChatBody(_Sampling):
 
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    def schemas(self) -> list[dict[str, Any]] | None:
+        """The request's function schemas, checked; None without tools or with ``tool_choice: "none"``."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        try:
+            return normalize_tools(self.tools, "tools")
+        except DataError as err:
+            raise ApiError(400, str(err), param="tools") from None
 
     def tokens(self) -> int | None:
         """Return ``max_completion_tokens`` (newer clients) or ``max_tokens``."""
@@ -198,12 +224,16 @@ def build_app(engine: Engine, *, api_key: str | None = None, default_max_tokens:
     async def chat(request: Request) -> Any:
         body = await _parse(request, ChatBody)
         system = _system_of(bank, body.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
+        messages = [m.as_dict() for m in body.messages]
         if system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system})
-        ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
-        return await _run(body, ids, chat=True)
+        tools = body.schemas()
+        try:
+            prompt = render_prompt(tokenizer, messages, tools)
+        except DataError as err:
+            raise ApiError(400, str(err), param="messages") from None
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return await _run(body, ids, chat=True, tools=tools is not None)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -211,7 +241,7 @@ def build_app(engine: Engine, *, api_key: str | None = None, default_max_tokens:
         ids = tokenizer(body.text(), add_special_tokens=False)["input_ids"]
         return await _run(body, ids, chat=False)
 
-    async def _run(body: _Sampling, ids: list[int], *, chat: bool) -> Any:
+    async def _run(body: _Sampling, ids: list[int], *, chat: bool, tools: bool = False) -> Any:
         slot = _slot(bank, body.model)
         served = bank.by_slot(slot)
         prefix = served.prefix if served is not None else None
@@ -233,7 +263,7 @@ def build_app(engine: Engine, *, api_key: str | None = None, default_max_tokens:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_stream(events, job, rid, body.model, chat, usage),
+            return StreamingResponse(_stream(events, job, rid, body.model, chat, usage, tools),
                                      media_type="text/event-stream")
         text, last = "", Event("")
         try:
@@ -247,7 +277,9 @@ def build_app(engine: Engine, *, api_key: str | None = None, default_max_tokens:
             raise ApiError(500, f"generation failed: {last.error}", kind="server_error")
         choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(last)}
         if chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            choice["message"], calls = _assistant_message(text, tools)
+            if calls:
+                choice["finish_reason"] = "tool_calls"
         else:
             choice.update({"text": text, "logprobs": None})
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
@@ -353,14 +385,25 @@ def _finish(event: Event) -> str:
     return "length" if event.finish_reason == "length" else "stop"
 
 
+def _assistant_message(text: str, tools: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The reply as an OpenAI assistant message, and its calls: with tools, calls that parse become
+    ``tool_calls`` (the text around them the content, None when empty); anything else stays text."""
+    parsed = parse_tool_calls(text) if tools else None
+    if parsed is None or not parsed.calls or parsed.malformed:
+        return {"role": "assistant", "content": text}, []
+    calls = [call.openai() for call in parsed.calls]
+    return {"role": "assistant", "content": parsed.content or None, "tool_calls": calls}, calls
+
+
 def _usage(event: Event) -> dict[str, int]:
     return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
             "total_tokens": event.prompt_tokens + event.completion_tokens}
 
 
 async def _stream(events: asyncio.Queue[Event], job: EngineRequest, rid: str, model: str, chat: bool,
-                  usage: bool) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format; a client that disconnects cancels its request."""
+                  usage: bool, tools: bool = False) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format; a client that disconnects cancels its request. With ``tools``
+    the reply is held until it is complete, then sent as one content chunk or as its tool calls."""
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -374,11 +417,25 @@ async def _stream(events: asyncio.Queue[Event], job: EngineRequest, rid: str, mo
         return "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": model,
                                       "choices": [choice]}) + "\n\n"
 
+    held: list[Event] = []
     try:
         if chat:
             yield chunk(None, None, first=True)
         while True:
             event = _merged([await events.get(), *_drain(events)])  # a slow reader gets what piled up at once
+            if tools and event.finish_reason is None:
+                held.append(event)
+                continue
+            if tools and event.finish_reason != "error":
+                event = _merged([*held, event])
+                message, calls = _assistant_message(event.text, True)
+                if calls:
+                    deltas = [{"index": k, **call} for k, call in enumerate(calls)]
+                    yield "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": model,
+                                                 "choices": [{"index": 0, "delta": {"tool_calls": deltas},
+                                                              "finish_reason": None}]}) + "\n\n"
+                    event = Event(message["content"] or "", "tool_calls", event.prompt_tokens,
+                                  event.completion_tokens)
             if event.finish_reason == "error":
                 body = {"error": {"message": f"generation failed: {event.error}", "type": "server_error",
                                   "param": None, "code": None}}
@@ -387,7 +444,7 @@ async def _stream(events: asyncio.Queue[Event], job: EngineRequest, rid: str, mo
             if event.text:
                 yield chunk(event.text, None)
             if event.finish_reason is not None:
-                yield chunk(None, _finish(event))
+                yield chunk(None, "tool_calls" if event.finish_reason == "tool_calls" else _finish(event))
                 if usage:
                     yield "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": model,
                                                  "choices": [], "usage": _usage(event)}) + "\n\n"

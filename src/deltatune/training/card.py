@@ -48,6 +48,9 @@ def model_card(cfg: RunConfig, data: RunData, base: str, result: TrainResult, me
         em = (f"| exact match (held-out) | {result.generation_start.get('exact_match', float('nan')):.1%} | "
               f"{result.generation_end.get('exact_match', float('nan')):.1%} |\n")
     train_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
+    objective = cfg.train.objective
+    trained = "supervised fine-tuning" if objective == "sft" else f"preference tuning, `{objective}`"
+    unit = "pairs" if data.pairs else "examples"
     peft = peft_type in PEFT_TYPES
     out = cfg.output.dir
     if peft:
@@ -60,13 +63,13 @@ def model_card(cfg: RunConfig, data: RunData, base: str, result: TrainResult, me
     return f"""---
 library_name: {"peft" if peft else "deltatune"}
 base_model: {base}
-tags: [deltatune, {method.name}]
+tags: [deltatune, {method.name}{", " + objective if objective != "sft" else ""}]
 ---
 # {method.name} delta trained with deltatune
 
 - base model: `{cfg.model.name}` (loaded from `{base}`)
-- method: `{method.name}`
-- data: `{data.train_path}` ({len(data.train)} training examples, {len(data.eval)} eval examples)
+- method: `{method.name}`; objective: {trained}
+- data: `{data.train_path}` ({len(data.train)} training {unit}, {len(data.eval)} eval {unit})
 - steps: {result.steps}; final training loss {train_loss}
 
 | figure | start | end |

@@ -29,7 +29,7 @@ from deltatune.config import RunConfig, dump_config
 from deltatune.data import padding_waste, plan_batches
 from deltatune.delta import save_delta
 from deltatune.errors import DeltatuneError
-from deltatune.evaluate import eval_loss, eval_pairs, exact_match
+from deltatune.evaluate import eval_loss, eval_pairs, exact_match, has_tool_calls, tool_call_accuracy
 from deltatune.files import write_text_atomic
 from deltatune.methods import build_method, head_names, trainable_parameters
 from deltatune.models import load_model, prepare_for_training
@@ -417,6 +417,9 @@ class Recipe:
                     result.eval_start.update({k: v for k, v in record.items() if k.startswith("eval_")})
                     if "exact_match" in record:
                         result.generation_start = {"exact_match": record["exact_match"], "n": record["exact_match_n"]}
+                    if "tool_call_accuracy" in record:
+                        result.generation_start = {k.removeprefix("tool_call_") if k == "tool_call_n" else k: v
+                                                   for k, v in record.items() if k.startswith("tool_call_")}
         if self.state.step == 0:
             result.eval_start = self.evaluate(announce="eval at start")
             result.generation_start = self._generations("before training")
@@ -425,10 +428,24 @@ class Recipe:
         t = self.cfg.train
         if not t.eval_generations or self.task != "causal_lm" or not self.data.eval or self.data.pairs:
             return {}
+        if has_tool_calls(self.data.eval):
+            return self._tool_calls(when)
         result = exact_match(self.inner, self.loaded.tokenizer, self.data.eval, limit=t.eval_generations)
         self.callbacks.on_eval(self, {"step": self.state.step, "exact_match": result["exact_match"],
                                       "exact_match_n": result["n"]})
         self.say(f"exact match {when}: {result['exact_match']:.1%} of {result['n']} held-out examples")
         for sample in result["samples"][:2]:
             self.say(f"  {sample['prompt']!r} -> {sample['reply']!r} (want {sample['reference']!r})")
+        return result
+
+    def _tool_calls(self, when: str) -> dict[str, Any]:
+        """Tool-call accuracy and parse rate on the held-out conversations (``train.eval_generations`` call turns)."""
+        result = tool_call_accuracy(self.inner, self.loaded.tokenizer, self.data.eval,
+                                    limit=self.cfg.train.eval_generations)
+        figures = {k: result[k] for k in ("tool_call_accuracy", "tool_call_parse_rate", "tool_call_false_calls")
+                   if k in result}
+        self.callbacks.on_eval(self, {"step": self.state.step, **figures, "tool_call_n": result["n"]})
+        self.say(f"tool calls {when}: accuracy {result['tool_call_accuracy']:.1%} of {result['n']} held-out call "
+                 f"turns, parse rate {result.get('tool_call_parse_rate', float('nan')):.1%}, calls where the "
+                 f"reference answers in text {result.get('tool_call_false_calls', float('nan')):.1%}")
         return result

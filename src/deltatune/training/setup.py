@@ -103,8 +103,12 @@ def load_run_data(cfg: RunConfig, out_dir: Path, demo_dir: Path | None = None) -
         train_file, eval_file = write_demo_data(demo_dir or out_dir / DEMO_DATA, seed=cfg.train.seed)
         train_path, eval_spec = str(train_file), str(eval_file)
     assert train_path is not None
+    skipped: list[str] | None = [] if d.on_invalid == "skip" else None
     examples = load_examples(train_path, d.format, split=d.split, max_examples=d.max_examples,
-                             system_prompt=d.system_prompt)
+                             system_prompt=d.system_prompt, skipped=skipped)
+    if skipped:
+        shown = "; ".join(skipped[:3]) + (f"; ... and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        print(f"data: left out {len(skipped)} invalid records (data.on_invalid=skip): {shown}", flush=True)
     if not examples:
         raise DataError(f"{train_path}: no examples")
     pairs = examples[0].is_pair
@@ -120,7 +124,8 @@ def load_run_data(cfg: RunConfig, out_dir: Path, demo_dir: Path | None = None) -
         examples = [ex for i, ex in enumerate(examples) if i not in held]
     elif isinstance(eval_spec, str):
         eval_examples = load_examples(eval_spec, d.format, split="validation" if eval_spec.startswith("hub:")
-                                      else d.split, system_prompt=d.system_prompt)
+                                      else d.split, system_prompt=d.system_prompt,
+                                      skipped=[] if d.on_invalid == "skip" else None)
     else:
         eval_examples = []
     is_classification = examples[0].label is not None

@@ -37,9 +37,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def cache_key(examples: dict[str, list[Any]], tokenizer: Any, settings: dict[str, Any]) -> str:
     """The cache key of tokenizing ``examples`` ({split: Examples}) with ``tokenizer`` and ``settings``."""
-    from deltatune.data import chat, tokenize
+    from deltatune.data import chat, tokenize, tools
 
-    code = b"".join(Path(m.__file__).read_bytes() for m in (tokenize, chat) if m.__file__)
+    code = b"".join(Path(m.__file__).read_bytes() for m in (tokenize, chat, tools) if m.__file__)
     digest = hashlib.sha256(code)
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())

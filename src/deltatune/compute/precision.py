@@ -1,0 +1,105 @@
+"""Training precision: ``train.precision`` = auto | fp32 | bf16-mixed | bf16.
+
+- ``fp32``: every weight, activation and gradient in float32.
+- ``bf16-mixed``: the frozen base weights are stored in bfloat16 (half the memory) and every matmul runs in bfloat16
+  (``torch.autocast``), while the parameters that train, their gradients and the optimizer state stay float32
+  (master weights: an update smaller than bfloat16's 8-bit mantissa is not lost). What stays float32 and why:
+  RMSNorm/LayerNorm (transformers' Llama norm and deltatune's fused one compute in float32 and cast back: the
+  variance of bf16 activations loses too many digits), softmax inside attention (sdpa accumulates in float32),
+  the output layer's log-softmax and the loss (``chunked_ce`` takes logits to float32 before the logsumexp),
+  the gradient-norm reduction and the optimizer step (float32 parameters and moments). ``full`` fine-tuning trains
+  every weight, so its weights stay float32 masters and only the matmuls run in bfloat16.
+- ``bf16``: everything in bfloat16, the trained parameters and their optimizer state too: fastest and smallest,
+  but small updates are rounded away over long runs.
+- ``auto``: ``bf16-mixed`` where the device has bfloat16 units (CUDA with bf16; CPUs with AVX-512 BF16 or AMX),
+  else ``fp32``; the choice and its reason are printed once.
+
+An explicit ``model.dtype`` other than auto keeps its old meaning (``bfloat16``: ``bf16``, ``float32``: ``fp32``)
+when ``train.precision`` is auto.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's bfloat16 feature flags (``avx512_bf16``, ``amx_bf16``) found in /proc/cpuinfo."""
+    info = Path("/proc/cpuinfo")
+    flags = set()
+    if info.is_file():
+        line = next((ln for ln in info.read_text().splitlines() if ln.startswith("flags")), "")
+        flags = set(line.split())
+    return [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+
+
+def bf16_units(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` multiplies bfloat16 in hardware, and the reason in words."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"{torch.cuda.get_device_name(device)} {'supports' if ok else 'lacks'} bfloat16"
+    if device.type == "cpu":
+        found = cpu_bf16_flags()
+        return bool(found), (f"the CPU has {' and '.join(found)}" if found
+                             else "the CPU has no AVX-512 BF16 or AMX (bfloat16 would be emulated, slower)")
+    return False, f"{device.type} is not known to have bfloat16 units"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A resolved precision: ``name`` (fp32 | bf16-mixed | bf16) and why it was chosen."""
+
+    name: str
+    reason: str
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the base weights are loaded in."""
+        return torch.float32 if self.name == "fp32" else torch.bfloat16
+
+    @property
+    def mixed(self) -> bool:
+        """True for bf16-mixed: float32 master weights, bfloat16 matmuls under autocast."""
+        return self.name == "bf16-mixed"
+
+
+def resolve(precision: str, model_dtype: str, device: torch.device) -> Precision:
+    """Resolve ``train.precision`` on ``device``, given ``model.dtype`` (see the module docstring)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return Precision(precision, "train.precision")
+    if model_dtype == "bfloat16":
+        return Precision("bf16", "model.dtype=bfloat16")
+    if model_dtype in ("float32", "float16"):
+        return Precision("fp32", f"model.dtype={model_dtype}")
+    ok, why = bf16_units(device)
+    return Precision("bf16-mixed" if ok else "fp32", why)
+
+
+def keep_masters_in_float32(params: dict[str, nn.Parameter]) -> int:
+    """Make every trained parameter float32 (its gradient and optimizer state follow); return how many changed."""
+    changed = 0
+    for p in params.values():
+        if p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            changed += 1
+    return changed
+
+
+@contextlib.contextmanager
+def autocast(precision: Precision | None, device: torch.device) -> Iterator[None]:
+    """Within the block, matmuls run in bfloat16 when ``precision`` is bf16-mixed; otherwise nothing changes."""
+    if precision is None or not precision.mixed:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        yield
