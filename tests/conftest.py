@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+# train.precision: auto means bf16-mixed on CPUs with bf16 units; the suite compares results exactly against
+# float32 references, so auto is float32 here (tests of the other precisions ask for them by name)
+os.environ.setdefault("DELTATUNE_AUTO_PRECISION", "fp32")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

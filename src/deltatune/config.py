@@ -194,6 +194,12 @@ class TrainConfig(Section):
     (FSDP2; methods full and lora); `auto` is ddp. Ignored in a single process."""
     dist_timeout: float = Field(default=1800.0, gt=0)
     """Seconds a rank waits for the others (a collective, a barrier) before the job stops with an error."""
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
+    """`fp32`; `bf16-mixed`: the frozen base weights stored and multiplied in bfloat16, the trained parameters,
+    their gradients and optimizer state in float32 (master weights), norms, softmax and the loss in float32;
+    `bf16`: everything in bfloat16 (fastest, but small updates round away); `auto`: bf16-mixed where the device
+    has bfloat16 units (CUDA with bf16, CPUs with AVX-512 BF16 or AMX), else fp32 (an explicit model.dtype keeps
+    its meaning). The choice and its reason are printed."""
     objective: Literal["sft", "dpo", "ipo", "simpo", "orpo"] = "sft"
     """`sft`: supervised fine-tuning. Preference tuning on pairs (prompt, chosen, rejected): `dpo` (Rafailov et al.
     2023), `ipo` (Azar et al. 2023), `simpo` (Meng et al. 2024), `orpo` (Hong et al. 2024); dpo and ipo compare

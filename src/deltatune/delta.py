@@ -51,7 +51,9 @@ def save_delta(
     reloads onto the right head.
     """
     out = Path(out_dir)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in method.delta_state_dict(model).items()}
+    # float32 on disk whatever the training precision, so a delta trained in bf16 loads anywhere
+    tensors = {k: (v.detach().float() if v.is_floating_point() else v.detach()).to("cpu").contiguous()
+               for k, v in method.delta_state_dict(model).items()}
     extra: dict[str, Any] = {"method": method.config.model_dump(mode="json"), "task": task}
     quantization = quantization_of(model)
     if quantization:  # the base is reloaded the same way (load_delta): the delta was trained against it

@@ -12,7 +12,8 @@
 - ``bf16``: everything in bfloat16, the trained parameters and their optimizer state too: fastest and smallest,
   but small updates are rounded away over long runs.
 - ``auto``: ``bf16-mixed`` where the device has bfloat16 units (CUDA with bf16; CPUs with AVX-512 BF16 or AMX),
-  else ``fp32``; the choice and its reason are printed once.
+  else ``fp32``; the choice and its reason are printed once. ``$DELTATUNE_AUTO_PRECISION`` (fp32, bf16-mixed or
+  bf16) sets what auto means on a machine (the test suite pins it to fp32, whose results it compares exactly).
 
 An explicit ``model.dtype`` other than auto keeps its old meaning (``bfloat16``: ``bf16``, ``float32``: ``fp32``)
 when ``train.precision`` is auto.
@@ -21,12 +22,15 @@ when ``train.precision`` is auto.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from deltatune.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
 
@@ -81,8 +85,24 @@ def resolve(precision: str, model_dtype: str, device: torch.device) -> Precision
         return Precision("bf16", "model.dtype=bfloat16")
     if model_dtype in ("float32", "float16"):
         return Precision("fp32", f"model.dtype={model_dtype}")
+    pinned = os.environ.get("DELTATUNE_AUTO_PRECISION", "").strip()
+    if pinned:
+        if pinned not in PRECISIONS[1:]:
+            raise ConfigError(f"$DELTATUNE_AUTO_PRECISION={pinned!r}: use one of {', '.join(PRECISIONS[1:])}")
+        return Precision(pinned, "$DELTATUNE_AUTO_PRECISION")
     ok, why = bf16_units(device)
     return Precision("bf16-mixed" if ok else "fp32", why)
+
+
+def store_frozen_in_bfloat16(model: nn.Module) -> int:
+    """Store every frozen float32 parameter of ``model`` in bfloat16 (buffers such as rotary frequencies stay as
+    they are; quantized weights are not float); return the number of values converted."""
+    converted = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.dtype == torch.float32:
+            p.data = p.data.to(torch.bfloat16)
+            converted += p.numel()
+    return converted
 
 
 def keep_masters_in_float32(params: dict[str, nn.Parameter]) -> int:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from deltatune.compute.attention import enable_packed_attention, packed_attention_enabled
+from deltatune.compute.precision import autocast, keep_masters_in_float32, resolve, store_frozen_in_bfloat16
 from deltatune.config import RunConfig, dump_config
 from deltatune.data import padding_waste, plan_batches
 from deltatune.delta import save_delta
@@ -32,7 +33,7 @@ from deltatune.errors import DeltatuneError
 from deltatune.evaluate import eval_loss, eval_pairs, exact_match, has_tool_calls, tool_call_accuracy
 from deltatune.files import write_text_atomic
 from deltatune.methods import build_method, head_names, trainable_parameters
-from deltatune.models import load_model, prepare_for_training
+from deltatune.models import load_model, pick_device, prepare_for_training
 from deltatune.training.callbacks import Callback, CallbackList, default_callbacks, format_figures
 from deltatune.training.card import model_card, summarize_parameters
 from deltatune.training.checkpoint import (
@@ -171,7 +172,8 @@ class Recipe:
         self._prepare_run()
         self._prepare_model()
         self._prepare_optimizer()
-        self._start_figures()
+        with self.autocast():
+            self._start_figures()
 
     def fit(self) -> None:
         """The step loop: until the planned steps are done or a callback asks to stop."""
@@ -181,7 +183,7 @@ class Recipe:
         self.tokens_before = state.tokens_seen
         self.model.train()
         run = StepRun(self.model, self.inner, self.method, self.train_set, self.shape.mode, self.pad_id, self.task,
-                      self.device, t, self.params, self.optimizer, ctx, self.objective, self.reference)
+                      self.device, t, self.params, self.optimizer, ctx, self.objective, self.reference, self.precision)
         with interrupts_between_steps() as between_steps:
             self._steps(run, between_steps)
             self._fit_ended = True
@@ -223,8 +225,9 @@ class Recipe:
         self.checkpoint()
         self.method.finalize(self.inner)
         result.steps, result.train_loss = state.step, self.last_loss
-        result.eval_end = self.evaluate(announce="eval at end")
-        result.generation_end = self._generations("after training")
+        with self.autocast():
+            result.eval_end = self.evaluate(announce="eval at end")
+            result.generation_end = self._generations("after training")
         with gathered(self.inner, self.ctx):  # FSDP: whole tensors on every rank for the moment of saving
             if self.is_main:
                 peft_type = self.method.adapter_config(self.inner, self.loaded.source).get("peft_type")
@@ -276,6 +279,10 @@ class Recipe:
         """Evaluate on the held-out set (every rank: an FSDP forward needs them all); return the figures."""
         if not self.eval_set:
             return {}
+        with self.autocast():
+            return self._evaluate(announce)
+
+    def _evaluate(self, announce: str | None) -> dict[str, float]:
         began = time.perf_counter()
         t = self.cfg.train
         if self.objective is not None:
@@ -325,12 +332,25 @@ class Recipe:
                 raise DeltatuneError(f"{self.out}: every checkpoint is damaged (see above); start a new output.dir")
             self.state = read_state(self.last_ckpt, ctx.world)  # before any model is loaded
 
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """The block in which the model runs: bfloat16 matmuls under ``bf16-mixed``, nothing otherwise. Never hold it
+        across optimizer steps: autocast caches its bf16 copies of the float32 parameters until the block ends."""
+        return autocast(self.precision, self.loaded.device)
+
     def _prepare_model(self) -> None:
         """Base loaded, data tokenized, method attached, speed options on, shape decided, DDP/FSDP wrapped."""
         cfg, ctx, data, say = self.cfg, self.ctx, self.data, self.say
         id2label = {v: k for k, v in data.label2id.items()} if data.label2id else None
         torch.manual_seed(cfg.train.seed)
-        self.loaded = load_model(cfg.model, task=data.task, num_labels=len(id2label) if id2label else None,
+        self.precision = precision = resolve(cfg.train.precision, cfg.model.dtype, pick_device(cfg.model.device))
+        say(f"precision: {precision.name} ({precision.reason})")
+        model_cfg = cfg.model
+        if cfg.model.dtype == "auto":  # bf16-mixed loads float32 and stores the frozen weights in bf16 after attach
+            update = {"dtype": "bfloat16" if precision.name == "bf16" else "float32"}
+            if precision.name != "fp32" and cfg.model.compute_dtype == "auto":
+                update["compute_dtype"] = "bfloat16"
+            model_cfg = cfg.model.model_copy(update=update)
+        self.loaded = load_model(model_cfg, task=data.task, num_labels=len(id2label) if id2label else None,
                                  id2label=id2label)
         model, tokenizer, self.device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
         self.train_set, self.eval_set, report = tokenize_run_data(cfg, data, tokenizer)
@@ -339,6 +359,9 @@ class Recipe:
         params = trainable_parameters(model)
         if not params:
             raise DeltatuneError(f"method {cfg.method.name!r} left nothing to train on this model")
+        if precision.mixed:  # frozen weights in bf16, trained ones float32 masters
+            store_frozen_in_bfloat16(model)
+            keep_masters_in_float32(params)
         say(summarize_parameters(model, params, self.method))
         say(prepare_for_training(model, cfg.train))
         say(f"data: {report.summary()}; eval {len(self.eval_set)} examples")
@@ -360,10 +383,11 @@ class Recipe:
         self.pad_id = tokenizer.pad_token_id or 0
         self.reference: Reference | None = None
         if self.objective is not None and self.objective.needs_reference:  # before a checkpoint's weights load
-            self.reference = prepare_reference(
-                self.method, model, {"train": self.train_set, "eval": self.eval_set},  # type: ignore[dict-item]
-                out=self.out if ctx.is_main else None, precompute=t.precompute_ref, t=t,
-                block_mask=not packed_attention_enabled(model), device=self.device, say=say)
+            with self.autocast():
+                self.reference = prepare_reference(
+                    self.method, model, {"train": self.train_set, "eval": self.eval_set},  # type: ignore[dict-item]
+                    out=self.out if ctx.is_main else None, precompute=t.precompute_ref, t=t,
+                    block_mask=not packed_attention_enabled(model), device=self.device, say=say)
         self.result = TrainResult(output_dir=self.out, steps=self.state.step, train_loss=None)
         self.result.trainable_params = sum(p.numel() for p in params.values())
         self.result.total_params = sum(p.numel() for p in model.parameters())

@@ -14,6 +14,7 @@ import torch
 
 from deltatune.compute.attention import packed_attention_enabled
 from deltatune.compute.loss import loss_sum
+from deltatune.compute.precision import Precision, autocast
 from deltatune.compute.preference import STAT_KEYS, PreferenceObjective, reply_logps
 from deltatune.data import TokenizedExample, collate, split_by_tokens
 from deltatune.data.pairs import TokenizedPair, collate_pairs
@@ -42,6 +43,7 @@ class StepRun:
     ctx: DistContext
     objective: PreferenceObjective | None = None
     reference: Reference | None = None
+    precision: Precision | None = None  # bf16-mixed: each forward under autocast (never across optimizer steps)
 
 
 Share = list[tuple[list[int], bool]]
@@ -68,7 +70,8 @@ def run_step(run: StepRun, share: Share) -> tuple[float, int, float | None, dict
     for k, batch in enumerate(batches):
         batch = {key: v.to(run.device) for key, v in batch.items()}
         with micro_batch(run.model, ctx, sync=k == len(batches) - 1):
-            loss, _ = loss_sum(run.model, batch, run.task, chunked=run.t.chunked_loss and not ctx.enabled)
+            with autocast(run.precision, run.device):
+                loss, _ = loss_sum(run.model, batch, run.task, chunked=run.t.chunked_loss and not ctx.enabled)
             scaled = loss / max(total, 1)
             if ctx.enabled:  # the ranks' gradients are averaged: x world gives their sum
                 scaled = scaled * (ctx.world if real[k] else 0.0)
@@ -111,10 +114,12 @@ def _preference_step(run: StepRun, share: Share) -> tuple[float, int, float | No
     sums = dict.fromkeys(("loss", *STAT_KEYS), 0.0)
     for k, ((idx, _), batch) in enumerate(zip(share, batches, strict=True)):
         batch = {key: v.to(run.device) for key, v in batch.items()}
-        ref = (run.reference.logps("train", batch, idx) if run.reference is not None and objective.needs_reference
-               else None)
+        with autocast(run.precision, run.device):
+            ref = (run.reference.logps("train", batch, idx) if run.reference is not None and objective.needs_reference
+                   else None)
         with micro_batch(run.model, ctx, sync=k == len(batches) - 1):
-            logps, token_counts = reply_logps(run.model, batch, chunked=run.t.chunked_loss and not ctx.enabled)
+            with autocast(run.precision, run.device):
+                logps, token_counts = reply_logps(run.model, batch, chunked=run.t.chunked_loss and not ctx.enabled)
             terms = objective.terms(logps, token_counts, ref)
             loss = terms.loss.sum() / max(n_pairs, 1)
             if terms.nll_sum is not None:

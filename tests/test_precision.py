@@ -1,0 +1,160 @@
+"""train.precision: auto's choice, bf16-mixed's dtypes (frozen weights bf16, masters and optimizer state float32),
+outputs after attach, gradients against float32, exact resume, every method, a quantized base, float32 deltas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from deltatune.cli import main
+from deltatune.compute.precision import (
+    Precision,
+    autocast,
+    keep_masters_in_float32,
+    resolve,
+    store_frozen_in_bfloat16,
+)
+from deltatune.config import method_config_class
+from deltatune.methods import build_method, registered_methods, trainable_parameters
+from deltatune.training.callbacks import Callback
+from tests.test_train import metrics, train_args, write_chat_data
+
+CPU = torch.device("cpu")
+MIXED = "train.precision=bf16-mixed"
+
+
+def test_auto_is_bf16_mixed_only_where_the_device_has_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    import deltatune.compute.precision as precision
+
+    monkeypatch.delenv("DELTATUNE_AUTO_PRECISION", raising=False)
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["avx512_bf16"])
+    assert resolve("auto", "auto", CPU) == Precision("bf16-mixed", "the CPU has avx512_bf16")
+    monkeypatch.setattr(precision, "cpu_bf16_flags", list)
+    chosen = resolve("auto", "auto", CPU)
+    assert chosen.name == "fp32" and "no AVX-512 BF16 or AMX" in chosen.reason
+    assert resolve("bf16", "auto", CPU).name == "bf16"  # asked for by name: whatever the machine
+    assert resolve("auto", "bfloat16", CPU).name == "bf16"  # model.dtype keeps its old meaning
+    monkeypatch.setenv("DELTATUNE_AUTO_PRECISION", "bf16-mixed")
+    assert resolve("auto", "auto", CPU) == Precision("bf16-mixed", "$DELTATUNE_AUTO_PRECISION")
+
+
+def mixed_lora(model_dir: Path, r: int = 4) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    cfg = method_config_class("lora")(name="lora", r=r, alpha=8, targets="all-linear", dropout=0.0)
+    build_method(cfg).attach(model)
+    params = trainable_parameters(model)
+    store_frozen_in_bfloat16(model)
+    keep_masters_in_float32(params)
+    return model, params
+
+
+def test_bf16_mixed_attach_keeps_the_bf16_bases_outputs_and_float32_masters(tiny_llama_dir: Path) -> None:
+    model, params = mixed_lora(tiny_llama_dir)
+    assert all(p.dtype == torch.float32 for p in params.values())
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
+    ids = torch.tensor([[1, 420, 3355, 28, 905, 17, 2]])
+    mixed = Precision("bf16-mixed", "test")
+    with torch.no_grad(), autocast(mixed, CPU):
+        assert torch.equal(model(ids).logits, base(ids).logits)
+
+
+def test_one_bf16_mixed_step_gives_float32s_gradients_within_bf16_rounding(tiny_llama_dir: Path) -> None:
+    model, params = mixed_lora(tiny_llama_dir)
+    torch.manual_seed(0)
+    for name, p in params.items():  # a trained-looking delta, the same in both
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    cfg = method_config_class("lora")(name="lora", r=4, alpha=8, targets="all-linear", dropout=0.0)
+    build_method(cfg).attach(reference)
+    ref_params = trainable_parameters(reference)
+    with torch.no_grad():
+        for name, p in params.items():
+            ref_params[name].copy_(p)
+    ids = torch.randint(3, 4000, (2, 48), generator=torch.Generator().manual_seed(1))
+    reference(ids, labels=ids).loss.backward()
+    with autocast(Precision("bf16-mixed", "test"), CPU):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    got = torch.cat([p.grad.flatten() for p in params.values()])
+    want = torch.cat([ref_params[n].grad.flatten() for n in params])
+    assert got.dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa: the gradient's direction and size agree to about a percent
+    assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.995
+    assert abs(got.norm() / want.norm() - 1) < 0.03
+
+
+def test_a_bf16_mixed_run_keeps_masters_and_optimizer_state_in_float32_and_resumes_bit_identically(
+        tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_chat_data(tmp_path / "d.jsonl")
+    settings = ("train.max_steps=6", "data.eval=null", "train.lr=1e-3", "train.save_every=3", MIXED)
+
+    def args(out: Path) -> list[str]:
+        return train_args(tiny_llama_dir, data, out, *settings)
+
+    seen: dict[str, set[torch.dtype]] = {}
+
+    class Dtypes(Callback):
+        def on_step_end(self, run: object, metrics: dict) -> None:
+            inner = run.inner  # type: ignore[attr-defined]
+            seen["trained"] = {p.dtype for p in inner.parameters() if p.requires_grad}
+            seen["frozen"] = {p.dtype for p in inner.parameters() if not p.requires_grad}
+            seen["moments"] = {v.dtype for s in run.optimizer.state.values()  # type: ignore[attr-defined]
+                               for v in s.values() if torch.is_tensor(v) and v.dim() > 0}
+
+    straight = tmp_path / "straight"
+    assert main(args(straight), callbacks=[Dtypes()]) == 0
+    assert "precision: bf16-mixed (train.precision)" in capsys.readouterr().out
+    assert seen == {"trained": {torch.float32}, "frozen": {torch.bfloat16}, "moments": {torch.float32}}
+    delta = load_file(straight / "adapter_model.safetensors")
+    assert {v.dtype for v in delta.values()} == {torch.float32}
+
+    class CtrlCAfterStep4(Callback):
+        def on_step_end(self, run: object, metrics: dict) -> None:
+            if metrics["step"] == 4:
+                raise KeyboardInterrupt
+
+    resumed = tmp_path / "resumed"
+    assert main(args(resumed), callbacks=[CtrlCAfterStep4()]) == 130
+    assert main([*args(resumed), "--resume"]) == 0
+    again = load_file(resumed / "adapter_model.safetensors")
+    assert all(torch.equal(delta[k], again[k]) for k in delta)
+    losses = [m["loss"] for m in metrics(straight) if "loss" in m]
+    assert losses == [m["loss"] for m in metrics(resumed) if "loss" in m]
+
+
+SETTINGS = {"lora": ("method.r=4",), "qlora": ("method.name=qlora", "model.quantize=nf4", "method.r=4"),
+            "compose": ("method=[{name: lora, r: 2}, {name: bitfit}]",)}
+
+
+@pytest.mark.parametrize("method", sorted(registered_methods()))
+def test_every_method_trains_under_bf16_mixed(method: str, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    data = write_chat_data(tmp_path / "d.jsonl", n=8)
+    extra = SETTINGS.get(method, (f"method.name={method}",))
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    out = tmp_path / method
+    argv = [a for a in train_args(tiny_llama_dir, data, out, "train.max_steps=2", "data.eval=0.25", MIXED, *extra)
+            if a != "method.r=4" or method in ("lora", "qlora")]
+    assert main(argv) == 0
+    losses = [m["loss"] for m in metrics(out) if "loss" in m]
+    evals = [m["eval_loss"] for m in metrics(out) if "eval_loss" in m]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses + evals)))
+    delta = load_file(out / "adapter_model.safetensors")
+    assert all(v.dtype == torch.float32 for v in delta.values() if v.is_floating_point())
+
+
+def test_pure_bf16_trains_in_bf16_and_still_writes_a_float32_delta(tiny_llama_dir: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_chat_data(tmp_path / "d.jsonl", n=8)
+    out = tmp_path / "bf16"
+    assert main(train_args(tiny_llama_dir, data, out, "train.max_steps=2", "data.eval=null",
+                           "train.precision=bf16")) == 0
+    assert "precision: bf16 (train.precision)" in capsys.readouterr().out
+    assert {v.dtype for v in load_file(out / "adapter_model.safetensors").values()} == {torch.float32}
