@@ -60,7 +60,8 @@ def deltatune_settings(spec: dict[str, Any], objective: str) -> list[str]:
     return ["model.name=default", f"data.train={data}", evals, f"data.max_length={MAX_LENGTH}", "method.name=lora",
             f"method.r={RANK}", f"method.alpha={ALPHA}", "method.dropout=0", "method.targets=all-linear",
             f"train.batch_size={PAIRS_PER_STEP}", f"train.lr={LR}", *budget, "train.schedule=constant",
-            "train.warmup=0", f"train.seed={SEED}", f"train.objective={objective}", f"output.dir={spec['out']}",
+            "train.warmup=0", f"train.seed={SEED}", f"train.objective={objective}", "train.precision=fp32",
+            f"output.dir={spec['out']}",
             "output.overwrite=true"]
 
 

@@ -81,8 +81,12 @@ SEED, BATCH, LR, RANK, ALPHA, CLIP = 42, 8, 2e-4, 16, 32, 1.0
 CONTENDERS = {
     "peft": "peft + transformers, padded to the longest",
     "trl": "TRL SFTTrainer, padding_free=True",
-    "deltatune": "deltatune, defaults (packed rows)",
+    "deltatune": "deltatune, defaults (packed rows), weights and math in --dtype (fp32 here)",
+    "peft-bf16": "peft + transformers under torch.autocast(bfloat16)",
+    "trl-bf16": "TRL SFTTrainer, padding_free=True, bf16=True",
+    "deltatune-bf16": "deltatune, defaults, train.precision=bf16-mixed",
 }
+BF16 = ("peft-bf16", "trl-bf16", "deltatune-bf16")
 LENGTHS = (256, 512, 1024, 2048)
 SIZES: dict[str, dict[str, int]] = {  # over SmolLM2-135M's config; random weights, tied embeddings
     "135m": {},
@@ -178,6 +182,7 @@ def deltatune_overrides(spec: dict[str, Any]) -> list[str]:
             f"method.alpha={ALPHA}", "method.dropout=0", "method.targets=all-linear", f"train.batch_size={BATCH}",
             f"train.lr={LR}", f"train.max_steps={spec['steps']}", "train.schedule=constant", "train.warmup=0",
             f"train.seed={SEED}", f"output.dir={spec['out']}", "output.overwrite=true", *spec.get("extra", []),
+            *(["train.precision=bf16-mixed"] if spec.get("name") == "deltatune-bf16" else []),
             *spec.get("deltatune", [])]
 
 
@@ -278,7 +283,8 @@ def worker_peft(spec: dict[str, Any]) -> dict[str, Any]:
             n = len(e["input_ids"])
             ids[b, :n], mask[b, :n] = torch.tensor(e["input_ids"]), 1
             labels[b, :n] = torch.tensor(e["labels"])
-        loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["name"] in BF16):
+            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         optimizer.step()
@@ -341,7 +347,7 @@ def worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
             marks.append(time.perf_counter())
             print(f"STEP {len(marks) - 1}/{len(work['steps'])} {marks[-1] - marks[-2]:.1f} s", flush=True)
 
-    bf16 = spec["dtype"] == "bfloat16"
+    bf16 = spec["dtype"] == "bfloat16" or spec["name"] in BF16  # bf16=True: the Trainer's autocast
     args = SFTConfig(
         output_dir=str(spec["out"]), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
         max_steps=len(work["steps"]), learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
@@ -430,7 +436,8 @@ def load_tokenizer(folder: str | None) -> Any:
                                    pad_token="<|im_end|>", unk_token="<|endoftext|>")
 
 
-WORKERS = {"peft": worker_peft, "trl": worker_trl, "deltatune": worker_deltatune, "build": build_random_model}
+WORKERS = {"peft": worker_peft, "trl": worker_trl, "deltatune": worker_deltatune, "build": build_random_model,
+           "peft-bf16": worker_peft, "trl-bf16": worker_trl, "deltatune-bf16": worker_deltatune}
 
 
 # ---- the parent: inputs, subprocesses, tables -------------------------------------------------------------
@@ -519,15 +526,18 @@ def run_table(opts: argparse.Namespace, base: dict[str, Any], peak: dict[str, An
           + ("peak GPU GB | " if gpu else "") + f"loss step 1 | loss step {n} | vs {names[0]} | model GFLOP/s | "
           f"share of {peak['dtype']} matmul peak | same examples |")
     print("| --- | ---: | ---: | ---: | " + ("---: | " if gpu else "") + "---: | ---: | ---: | ---: | ---: | --- |")
+    peaks = {False: peak, True: base.get("peak_bf16") or peak}
     for name, s in rows.items():
-        gflops, share = _mfu(s, peak)
+        gflops, share = _mfu(s, peaks[name in BF16])
         ratio = f"{s['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
         same = {True: "yes", False: "NO", None: "unchecked"}[raws[name]["same_examples"]]
         print(f"| {name}: {CONTENDERS[name]} | {s['tokens_per_s']:.1f} | {s['s_per_step']:.1f} | "
               f"{_gb(s['peak_rss_gb'])} | " + (f"{_gb(s['peak_gpu_gb'])} | " if gpu else "")
               + f"{s['loss_first']:.4f} | {s['loss_last']:.4f} | {ratio} | {gflops} | {share} | {same} |")
-    print(f"\nmatmul peak: {peak['gflops']:,.1f} GFLOP/s ({peak['dtype']}, {peak['threads']} threads; "
-          + ", ".join(f"{k} {v:,.1f}" for k, v in peak["per_shape"].items()) + ")")
+    for p in {id(v): v for v in peaks.values()}.values():
+        print(f"\nmatmul peak: {p['gflops']:,.1f} GFLOP/s ({p['dtype']}, {p['threads']} threads; "
+              + ", ".join(f"{k} {v:,.1f}" for k, v in p["per_shape"].items()) + ")")
+    bf16_targets(rows, base)
     check = loss_check(rows, names) if ref else {"pass": False, "lines": ["FAIL: the reference did not finish"]}
     for line in check["lines"]:
         print(line)
@@ -535,6 +545,30 @@ def run_table(opts: argparse.Namespace, base: dict[str, Any], peak: dict[str, An
         print("FAIL: a contender trained on other examples than the plan (see `same examples`)")
     return {"work": {k: work[k] for k in ("plan", "batching", "plan_same_as_pad", "data")}, "contenders":
             {n: {"label": CONTENDERS[n], **rows[n], "raw": raws[n]} for n in rows}, "loss_check": check}
+
+
+def bf16_targets(rows: dict[str, dict[str, Any]], base: dict[str, Any]) -> None:
+    """Print whether the machine has bf16 units (what train.precision=auto picks) and the bf16-mixed targets."""
+    from deltatune.compute.precision import bf16_units
+    from deltatune.models import pick_device
+
+    ok, why = bf16_units(pick_device(base["device"]))
+    print(f"bf16 units: {'yes' if ok else 'no'} ({why}): train.precision=auto is {'bf16-mixed' if ok else 'fp32'} "
+          "on this machine")
+    mine, fp32 = rows.get("deltatune-bf16"), rows.get("deltatune")
+    peers = {n: rows[n] for n in ("peft-bf16", "trl-bf16") if n in rows}
+    if mine and fp32:
+        speed = mine["tokens_per_s"] / fp32["tokens_per_s"]
+        memory = mine["peak_rss_gb"] / fp32["peak_rss_gb"]
+        print(f"target: deltatune bf16-mixed >= 1.8x deltatune fp32 tokens/s: {speed:.2f}x, "
+              f"{'holds' if speed >= 1.8 else 'misses'}")
+        print(f"target: deltatune bf16-mixed peak memory <= 0.6x fp32's: {memory:.2f}x, "
+              f"{'holds' if memory <= 0.6 else 'misses'}")
+    if mine and peers:
+        best = max(peers, key=lambda n: peers[n]["tokens_per_s"])
+        lead = mine["tokens_per_s"] / peers[best]["tokens_per_s"]
+        print(f"target: deltatune bf16-mixed >= 2.5x the best bf16 peer ({best}): {lead:.2f}x, "
+              f"{'holds' if lead >= 2.5 else 'misses'}")
 
 
 def loss_check(rows: dict[str, dict[str, Any]], names: list[str], tolerance: float = 0.02) -> dict[str, Any]:
@@ -738,6 +772,8 @@ def main(argv: list[str] | None = None, device: str = "cpu") -> None:
     if opts.deltatune:
         CONTENDERS["deltatune"] = f"deltatune, defaults + {' '.join(opts.deltatune)}"
     peak = matmul_peak(device, opts.dtype, opts.threads)
+    if any(n in BF16 for n in opts.contenders.split(",")) and opts.dtype != "bfloat16":
+        base["peak_bf16"] = matmul_peak(device, "bfloat16", opts.threads)
     if device == "cuda":
         torch.cuda.empty_cache()
     import peft

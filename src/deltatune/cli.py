@@ -109,7 +109,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from deltatune.infer.generate import generate
 
     tools = _read_tools(args.tools)
-    delta = load_delta(args.delta, device=args.device)
+    delta = load_delta(args.delta, device=args.device, dtype=_inference_dtype(args.precision, args.device))
     if args.merged:
         delta.method.merge(delta.loaded.model)
     replies = generate(delta.loaded.model, delta.loaded.tokenizer, list(args.prompts),
@@ -118,6 +118,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for reply in replies:
         print(_shown_reply(reply, tools))
     return 0
+
+
+def _inference_dtype(precision: str, device: str) -> str:
+    """The weight dtype of ``--precision`` for inference: fp32 is float32; bf16 (and bf16-mixed, the same for a
+    model that does not train) is bfloat16; auto is bfloat16 where the device has bf16 units (printed once)."""
+    from deltatune.compute.precision import resolve
+    from deltatune.models import pick_device
+
+    chosen = resolve(precision, "auto", pick_device(device))
+    if precision == "auto":
+        print(f"precision: {chosen.name if chosen.name == 'fp32' else 'bf16'} ({chosen.reason}; --precision to "
+              "choose)", file=sys.stderr)
+    return "float32" if chosen.name == "fp32" else "bfloat16"
 
 
 def _read_tools(path: str | None) -> list[dict[str, Any]] | None:
@@ -162,7 +175,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from deltatune.infer.generate import generate
 
     tools = _read_tools(args.tools)
-    delta = load_delta(args.delta, device=args.device)
+    delta = load_delta(args.delta, device=args.device, dtype=_inference_dtype(args.precision, args.device))
     if args.merged:
         delta.method.merge(delta.loaded.model)
     history: list[dict[str, Any]] = []
@@ -209,7 +222,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_file = Path(args.delta) / "run.yaml"
     run_cfg = load_config(run_file if run_file.is_file() else None)
     data_cfg = run_cfg.data  # the run's own data settings
-    delta = load_delta(args.delta, device=args.device)
+    delta = load_delta(args.delta, device=args.device, dtype=_inference_dtype(args.precision, args.device))
     model, tokenizer, task = delta.loaded.model, delta.loaded.tokenizer, delta.info.task
     examples = load_examples(args.data, args.format or data_cfg.format, system_prompt=data_cfg.system_prompt)
     if examples and examples[0].is_pair:  # preference pairs: the objective's loss and reward figures
@@ -297,7 +310,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                api_key=api_key, max_batch=args.max_batch)
         return run_vllm(command, api_key)
     serve(delta_names(args.deltas), base=args.base, host=args.host, port=args.port, api_key=api_key,
-          max_batch=args.max_batch, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
+          max_batch=args.max_batch, max_queue=args.max_queue, device=args.device,
+          dtype=args.dtype if args.dtype != "auto" else _inference_dtype(args.precision, args.device),
           quantize=args.quantize, delta_root=delta_root)
     return 0
 
@@ -420,6 +434,11 @@ def cmd_hosted_wait(args: argparse.Namespace) -> int:
         return 0
     print(f"deltatune: job {info.id} {info.status}" + (f": {info.error}" if info.error else ""), file=sys.stderr)
     return 1
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "bf16-mixed"],
+                   help="weights in float32 or bfloat16 (auto: bf16 where the CPU/GPU has bf16 units, else fp32)")
 
 
 def _add_hosted_parser(sub: argparse._SubParsersAction) -> None:
@@ -560,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--system", help="a system message")
         p.add_argument("--merged", action="store_true", help="fold the delta into the weights first")
+        _add_precision(p)
         p.add_argument("--tools", metavar="FILE", help="a JSON list of function schemas the model may call "
                                                        "(rendered as in training; calls printed as JSON)")
         p.add_argument("--max-new-tokens", type=int, default=256)
@@ -572,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="a data file in any supported format")
     p.add_argument("--format", help="data format (default: the run's data.format)")
     p.add_argument("--batch-size", type=int, default=8)
+    _add_precision(p)
     p.add_argument("--generations", type=int, default=0, help="exact match of greedy replies on N examples "
                    "(tool-calling data: tool-call accuracy and parse rate on N call turns)")
     p.add_argument("--device", default="auto")
@@ -629,7 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "method) for folders under --delta-root")
     p.add_argument("--delta-root", metavar="DIR", help="the only folder deltas may be loaded from at run time")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="the base's weights (auto: float32 on a CPU)")
+                   help="the base's weights (auto: as --precision says)")
+    _add_precision(p)
     p.add_argument("--device", default="auto")
     p.set_defaults(handler=cmd_serve)
 

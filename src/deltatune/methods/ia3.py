@@ -65,10 +65,10 @@ class IA3Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.ia3_l.flatten()
-        if self.feedforward:
-            return self.base_layer((x * scale).to(x.dtype))
+        if self.feedforward:  # the scale takes the activations' dtype: a float32 master must not promote them
+            return self.base_layer(x * scale.to(x.dtype))
         y = self.base_layer(x)
-        return (y * scale).to(y.dtype)
+        return y * scale.to(y.dtype)
 
     @torch.no_grad()
     def fold(self) -> nn.Linear:

@@ -107,7 +107,10 @@ class LoraLinear(nn.Module):
         if self.merged or self.disabled:
             return y
         a = self.lora_A.weight
-        xd = self.lora_dropout(x.to(a.dtype))
+        # under autocast (bf16-mixed) the matmuls run in its dtype: casting x up to the float32 master would only
+        # add two copies of the activations
+        on = torch.is_autocast_enabled(x.device.type)
+        xd = self.lora_dropout(x.to(torch.get_autocast_dtype(x.device.type) if on else a.dtype))
         m = self.lora_magnitude_vector
         if m is None:  # y + s * B(A x) in one op: no separate (tokens x out) product tensor
             return torch.add(y, self.lora_B(self.lora_A(xd)).to(y.dtype), alpha=self.scaling)
