@@ -176,7 +176,8 @@ def matmul_peak(device: str, dtype: str, threads: int, seconds: float = 0.5) -> 
 
 def deltatune_overrides(spec: dict[str, Any]) -> list[str]:
     """The deltatune settings of the work (everything else stays at deltatune's defaults)."""
-    return [f"model.name={spec['source']}", f"model.device={spec['device']}", f"model.dtype={spec['dtype']}",
+    dtype = "auto" if spec.get("name") == "deltatune-bf16" else spec["dtype"]  # bf16-mixed picks the weights' dtype
+    return [f"model.name={spec['source']}", f"model.device={spec['device']}", f"model.dtype={dtype}",
             f"data.train={spec['data']}", "data.eval=null", f"data.max_length={spec['max_length']}",
             f"data.max_examples={spec['max_examples']}", "method.name=lora", f"method.r={RANK}",
             f"method.alpha={ALPHA}", "method.dropout=0", "method.targets=all-linear", f"train.batch_size={BATCH}",

@@ -111,6 +111,9 @@ class MethodConfig(Section):
     :func:`resolve_presets`."""
 
     recommended_lr: ClassVar[tuple[float, float]] = (2e-4, 1e-3)
+    trains_all_weights: ClassVar[bool] = False
+    """True for a method whose trained parameters are the base's own weights, all of them (full fine-tuning): under
+    bf16-mixed its weights load in float32, as the master copies, instead of bfloat16."""
     """The peak learning rate used when ``train.lr`` is unset: (causal LM, sequence classifier). Each method
     sets its own from its paper and from measurements on the bundled models (README, methods table)."""
 

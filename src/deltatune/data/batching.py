@@ -105,17 +105,25 @@ def _counts(num_tokens: int | torch.Tensor, num_supervised: int | torch.Tensor) 
             "num_supervised": torch.as_tensor(num_supervised, dtype=torch.long)}
 
 
-def _collate_packed(examples: Sequence[TokenizedExample], mask_dtype: torch.dtype, block_mask: bool
-                    ) -> dict[str, torch.Tensor]:
+def _collate_packed(examples: Sequence[TokenizedExample], mask_dtype: torch.dtype, block_mask: bool,
+                    pad_multiple: int | None = None) -> dict[str, torch.Tensor]:
     seq_lens = [len(e.input_ids) for e in examples]
-    input_ids = torch.tensor([t for e in examples for t in e.input_ids], dtype=torch.long)[None]  # (1, T)
+    ids = [t for e in examples for t in e.input_ids]
     # the first label of each example is never a target: the shifted loss must not cross examples
-    labels = torch.tensor([x for e in examples for x in [IGNORE_INDEX, *e.labels[1:]]], dtype=torch.long)[None]
+    labels_list = [x for e in examples for x in [IGNORE_INDEX, *e.labels[1:]]]
+    real = len(ids)
+    pad = -real % pad_multiple if pad_multiple else 0
+    if pad:  # a filler segment of its own: no loss, attends only to itself
+        seq_lens.append(pad)
+        ids += [0] * pad
+        labels_list += [IGNORE_INDEX] * pad
+    input_ids = torch.tensor(ids, dtype=torch.long)[None]  # (1, T)
+    labels = torch.tensor(labels_list, dtype=torch.long)[None]
     position_ids = torch.cat([torch.arange(n) for n in seq_lens])[None]  # (1, T)
     mask = {"attention_mask": block_causal_mask(seq_lens, mask_dtype)} if block_mask else {}
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, **mask,
             "seq_lens": torch.tensor(seq_lens, dtype=torch.long),
-            **_counts(input_ids.shape[1], (labels[:, 1:] != IGNORE_INDEX).sum())}
+            **_counts(real, (labels[:, 1:] != IGNORE_INDEX).sum())}
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
@@ -148,14 +156,17 @@ def _collate_classification(examples: Sequence[TokenizedExample], pad_id: int) -
 
 
 def collate(examples: Sequence[TokenizedExample], *, mode: str, pad_id: int, task: str,
-            mask_dtype: torch.dtype = torch.float32, block_mask: bool = True) -> dict[str, torch.Tensor]:
+            mask_dtype: torch.dtype = torch.float32, block_mask: bool = True,
+            pad_multiple: int | None = None) -> dict[str, torch.Tensor]:
     """Turn one planned micro-batch into model inputs; returns a dict of tensors.
 
     ``pack`` (causal LM): one row (1, T) with input_ids, labels (first label of each example -100),
     position_ids restarting per example, a (1, 1, T, T) block-causal attention_mask (additive float,
     see the module docstring) and seq_lens; with ``block_mask=False`` no mask, for a model whose attention
-    reads the example boundaries from seq_lens (compute/attention.py). ``bucket``/``pad``: right-padded
-    (B, T) input_ids, labels
+    reads the example boundaries from seq_lens (compute/attention.py); ``pad_multiple`` rounds the row up to a
+    multiple of that many tokens with a filler segment of its own (no loss, not counted in ``num_tokens``), so a
+    bf16 run meets a few row lengths instead of hundreds (see ``compute.attention.causal_sdpa``).
+    ``bucket``/``pad``: right-padded (B, T) input_ids, labels
     (-100 on padding), attention_mask (0/1 long) and position_ids (0 on padding). Classification is
     always padded (``pack`` too): input_ids, attention_mask, token_type_ids if any, labels (B,).
     Every batch has ``num_tokens`` (non-padding tokens) and ``num_supervised`` (positions with a loss
@@ -171,5 +182,5 @@ def collate(examples: Sequence[TokenizedExample], *, mode: str, pad_id: int, tas
     if task != "causal_lm":
         raise ValueError(f"task must be causal_lm or classification, got {task!r}")
     if mode == "pack":
-        return _collate_packed(examples, mask_dtype, block_mask)
+        return _collate_packed(examples, mask_dtype, block_mask, pad_multiple)
     return _collate_padded(examples, pad_id)

@@ -30,6 +30,7 @@ from deltatune.quantize import refuse_quantized
 
 class FullConfig(MethodConfig):
     recommended_lr: ClassVar[tuple[float, float]] = (2e-5, 1e-4)
+    trains_all_weights: ClassVar[bool] = True
     name: Literal["full"] = "full"
     """The fine-tuning method."""
 

@@ -345,8 +345,9 @@ class Recipe:
         self.precision = precision = resolve(cfg.train.precision, cfg.model.dtype, pick_device(cfg.model.device))
         say(f"precision: {precision.name} ({precision.reason})")
         model_cfg = cfg.model
-        if cfg.model.dtype == "auto":  # bf16-mixed loads float32 and stores the frozen weights in bf16 after attach
-            update = {"dtype": "bfloat16" if precision.name == "bf16" else "float32"}
+        if cfg.model.dtype == "auto":  # bf16-mixed: bf16 weights, but float32 masters where every weight trains
+            bf16 = precision.name == "bf16" or (precision.mixed and not cfg.method.trains_all_weights)
+            update = {"dtype": "bfloat16" if bf16 else "float32"}
             if precision.name != "fp32" and cfg.model.compute_dtype == "auto":
                 update["compute_dtype"] = "bfloat16"
             model_cfg = cfg.model.model_copy(update=update)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from deltatune.compute.attention import packed_attention_enabled
+from deltatune.compute.attention import SHAPE_STEP, packed_attention_enabled
 from deltatune.compute.loss import loss_sum
 from deltatune.compute.precision import Precision, autocast
 from deltatune.compute.preference import STAT_KEYS, PreferenceObjective, reply_logps
@@ -60,8 +60,10 @@ def run_step(run: StepRun, share: Share) -> tuple[float, int, float | None, dict
         lengths = {i: len(run.dataset[i].input_ids) for idx, _ in share for i in idx}
         share = [(part, real) for idx, real in share for part in split_by_tokens(idx, lengths, run.t.pass_tokens)]
     block_mask = not packed_attention_enabled(run.inner)
+    # in bf16 rows are rounded up to 64 tokens: kernels compiled per shape stay few (compute/attention.py)
+    multiple = SHAPE_STEP if run.precision is not None and run.precision.name != "fp32" else None
     batches = [collate([run.dataset[i] for i in idx], mode=run.mode, pad_id=run.pad_id, task=run.task,
-                       block_mask=block_mask) for idx, _ in share]
+                       block_mask=block_mask, pad_multiple=multiple) for idx, _ in share]
     real = [r for _, r in share]
     counts = [sum(int(b["num_supervised"]) for b, r in zip(batches, real, strict=True) if r),
               sum(int(b["num_tokens"]) for b, r in zip(batches, real, strict=True) if r)]
