@@ -470,7 +470,11 @@ class Recipe:
         figures = {k: result[k] for k in ("tool_call_accuracy", "tool_call_parse_rate", "tool_call_false_calls")
                    if k in result}
         self.callbacks.on_eval(self, {"step": self.state.step, **figures, "tool_call_n": result["n"]})
-        self.say(f"tool calls {when}: accuracy {result['tool_call_accuracy']:.1%} of {result['n']} held-out call "
-                 f"turns, parse rate {result.get('tool_call_parse_rate', float('nan')):.1%}, calls where the "
-                 f"reference answers in text {result.get('tool_call_false_calls', float('nan')):.1%}")
+        def pct(key: str) -> str:
+            value = result.get(key, float("nan"))
+            return "n/a" if value != value else f"{value:.1%}"  # nan: nothing to take a share of
+
+        self.say(f"tool calls {when}: accuracy {pct('tool_call_accuracy')} of {result['n']} held-out call turns, "
+                 f"parse rate {pct('tool_call_parse_rate')} of the calls it made, calls where the reference "
+                 f"answers in text {pct('tool_call_false_calls')}")
         return result
