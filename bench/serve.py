@@ -43,7 +43,8 @@ METHODS = {
     "bitfit": ["method.name=bitfit"],
     "prompt": ["method.name=prompt_tuning", "method.num_virtual_tokens=8"],
 }
-SETUPS = {"float32": [], "int8": ["--quantize", "int8"], "bfloat16": ["--dtype", "bfloat16"]}
+SETUPS = {"float32": ["--precision", "fp32"], "int8": ["--quantize", "int8", "--precision", "fp32"],
+          "bfloat16": ["--dtype", "bfloat16"]}
 
 
 def train_deltas() -> dict[str, Path]:

@@ -24,6 +24,8 @@ from deltatune.data.pairs import TokenizedPair, collate_pairs, tokenize_pairs
 from deltatune.errors import DataError
 from deltatune.methods import build_method, trainable_parameters
 from deltatune.training.callbacks import Callback
+from tests.test_train import metrics as records
+from tests.test_train import train_args as args
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "quick", "seven", "table", "music", "light"]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "dpo_en_train.json"
@@ -39,15 +41,6 @@ def write_pairs(path: Path, n: int = 48, seed: int = 0) -> Path:
                      "chosen": body + " yes", "rejected": body + " no"})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-def args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", f"model.name={model}", f"data.train={data}", f"output.dir={out}", "train.seed=3",
-            "train.batch_size=4", "method.r=4", "--no-progress", *extra]
-
-
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---- the objectives on fixed log-probabilities -----------------------------------------------------------------

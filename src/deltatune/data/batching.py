@@ -126,31 +126,34 @@ def _collate_packed(examples: Sequence[TokenizedExample], mask_dtype: torch.dtyp
             **_counts(real, (labels[:, 1:] != IGNORE_INDEX).sum())}
 
 
-def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+def _pad(rows: Sequence[Sequence[int]], value: int, multiple: int | None = None) -> torch.Tensor:
     width = max(len(r) for r in rows)
+    width += -width % multiple if multiple else 0
     out = torch.full((len(rows), width), value, dtype=torch.long)  # (B, T)
     for b, row in enumerate(rows):
         out[b, : len(row)] = torch.tensor(list(row), dtype=torch.long)
     return out
 
 
-def _collate_padded(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    input_ids = _pad([e.input_ids for e in examples], pad_id)
-    attention_mask = _pad([[1] * len(e.input_ids) for e in examples], 0)
-    labels = _pad([e.labels for e in examples], IGNORE_INDEX)
+def _collate_padded(examples: Sequence[TokenizedExample], pad_id: int, multiple: int | None = None
+                    ) -> dict[str, torch.Tensor]:
+    input_ids = _pad([e.input_ids for e in examples], pad_id, multiple)
+    attention_mask = _pad([[1] * len(e.input_ids) for e in examples], 0, multiple)
+    labels = _pad([e.labels for e in examples], IGNORE_INDEX, multiple)
     position_ids = (torch.arange(input_ids.shape[1])[None] * attention_mask)  # 0 on padding
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
             "position_ids": position_ids,
             **_counts(attention_mask.sum(), (labels[:, 1:] != IGNORE_INDEX).sum())}
 
 
-def _collate_classification(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+def _collate_classification(examples: Sequence[TokenizedExample], pad_id: int, multiple: int | None = None
+                            ) -> dict[str, torch.Tensor]:
     if any(e.label is None for e in examples):
         raise ValueError("classification collate needs a label id on every example")
-    batch = {"input_ids": _pad([e.input_ids for e in examples], pad_id),
-             "attention_mask": _pad([[1] * len(e.input_ids) for e in examples], 0)}
+    batch = {"input_ids": _pad([e.input_ids for e in examples], pad_id, multiple),
+             "attention_mask": _pad([[1] * len(e.input_ids) for e in examples], 0, multiple)}
     if all(e.token_type_ids is not None for e in examples):
-        batch["token_type_ids"] = _pad([e.token_type_ids or [] for e in examples], 0)
+        batch["token_type_ids"] = _pad([e.token_type_ids or [] for e in examples], 0, multiple)
     batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)  # (B,)
     return {**batch, **_counts(batch["attention_mask"].sum(), len(examples))}
 
@@ -164,8 +167,9 @@ def collate(examples: Sequence[TokenizedExample], *, mode: str, pad_id: int, tas
     position_ids restarting per example, a (1, 1, T, T) block-causal attention_mask (additive float,
     see the module docstring) and seq_lens; with ``block_mask=False`` no mask, for a model whose attention
     reads the example boundaries from seq_lens (compute/attention.py); ``pad_multiple`` rounds the row up to a
-    multiple of that many tokens with a filler segment of its own (no loss, not counted in ``num_tokens``), so a
-    bf16 run meets a few row lengths instead of hundreds (see ``compute.attention.causal_sdpa``).
+    multiple of that many tokens with a filler segment of its own (no loss, not counted in ``num_tokens``), and
+    padded batches' width likewise, so a bf16 run meets a few shapes instead of hundreds (see
+    ``compute.attention.causal_sdpa``).
     ``bucket``/``pad``: right-padded (B, T) input_ids, labels
     (-100 on padding), attention_mask (0/1 long) and position_ids (0 on padding). Classification is
     always padded (``pack`` too): input_ids, attention_mask, token_type_ids if any, labels (B,).
@@ -178,9 +182,9 @@ def collate(examples: Sequence[TokenizedExample], *, mode: str, pad_id: int, tas
     if not examples:
         raise ValueError("collate needs at least one example")
     if task == "classification":
-        return _collate_classification(examples, pad_id)
+        return _collate_classification(examples, pad_id, pad_multiple)
     if task != "causal_lm":
         raise ValueError(f"task must be causal_lm or classification, got {task!r}")
     if mode == "pack":
         return _collate_packed(examples, mask_dtype, block_mask, pad_multiple)
-    return _collate_padded(examples, pad_id)
+    return _collate_padded(examples, pad_id, pad_multiple)

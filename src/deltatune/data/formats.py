@@ -29,7 +29,6 @@ Preference pairs (for ``train.objective`` dpo, ipo, simpo, orpo): a prompt and t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +37,7 @@ from deltatune.data.tools import (
     ToolCall,
     normalize_tools,
     parse_call,
+    parse_json,
     parse_openai_call,
     tool_names,
 )
@@ -228,7 +228,7 @@ def _sharegpt_turn(item: Any, where: str) -> Message:
     assert value is not None
     role = SHAREGPT_ROLES[speaker]
     if speaker == "function_call":  # one call, or a list of parallel calls
-        parsed = _json_value(value, where)
+        parsed = parse_json(value, where, "the function call")
         calls = [parse_call(c, where) for c in parsed] if isinstance(parsed, list) else [parse_call(parsed, where)]
         return Message("assistant", "", _weight(item.get("weight"), role, where), tool_calls=calls)
     return Message(role, value, _weight(item.get("weight"), role, where))
@@ -246,14 +246,6 @@ def _sharegpt_turns(record: dict[str, Any], origin: str) -> list[Message]:
 def _from_sharegpt(record: dict[str, Any], origin: str) -> list[Message]:
     messages = _check_turns(_sharegpt_turns(record, origin), origin)
     return _link_tool_turns(messages, _record_tools(record, origin), origin, "conversations")
-
-
-def _json_value(value: str, where: str) -> Any:
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where}: the function call is not valid JSON ({err.msg} at column {err.colno}); fix "
-                        "the JSON") from None
 
 
 def _check_prompt(prompt: list[Message], origin: str) -> list[Message]:

@@ -61,13 +61,18 @@ def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
+def parse_json(text: str, where: str, what: str) -> Any:
+    """Parse JSON text; raises DataError naming ``where`` and ``what`` it was, with the parser's reason."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: {what} is not valid JSON ({err.msg} at column {err.colno}); fix the JSON"
+                        ) from None
+
+
 def _json_object(value: Any, where: str, what: str) -> dict[str, Any]:
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: {what} is not valid JSON ({err.msg} at column {err.colno}); fix the JSON"
-                            ) from None
+        value = parse_json(value, where, what)
     if not isinstance(value, dict):
         raise DataError(f"{where}: {what} must be a JSON object, got {type(value).__name__}")
     return value
@@ -79,10 +84,7 @@ def normalize_tools(raw: Any, where: str) -> list[dict[str, Any]]:
     if isinstance(raw, str):
         if not raw.strip():
             return []
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: tools is not valid JSON ({err.msg} at column {err.colno})") from None
+        raw = parse_json(raw, where, "tools")
     if not isinstance(raw, list):
         raise DataError(f"{where}: tools must be a list of function schemas, got {type(raw).__name__}")
     tools = []
