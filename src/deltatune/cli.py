@@ -122,14 +122,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _inference_dtype(precision: str, device: str) -> str:
     """The weight dtype of ``--precision`` for inference: fp32 is float32; bf16 (and bf16-mixed, the same for a
-    model that does not train) is bfloat16; auto is bfloat16 where the device has bf16 units (printed once)."""
+    model that does not train) is bfloat16; auto is bfloat16 where the device has bf16 units."""
     from deltatune.compute.precision import resolve
     from deltatune.models import pick_device
 
     chosen = resolve(precision, "auto", pick_device(device))
-    if precision == "auto":
-        print(f"precision: {chosen.name if chosen.name == 'fp32' else 'bf16'} ({chosen.reason}; --precision to "
-              "choose)", file=sys.stderr)
     return "float32" if chosen.name == "fp32" else "bfloat16"
 
 
