@@ -3,6 +3,7 @@ outputs after attach, gradients against float32, exact resume, every method, a q
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,15 @@ def test_pure_bf16_trains_in_bf16_and_still_writes_a_float32_delta(tiny_llama_di
                            "train.precision=bf16")) == 0
     assert "precision: bf16 (train.precision)" in capsys.readouterr().out
     assert {v.dtype for v in load_file(out / "adapter_model.safetensors").values()} == {torch.float32}
+
+
+def test_dpo_trains_under_bf16_mixed_on_rows_rounded_up(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from tests.test_preference import write_pairs
+
+    data = write_pairs(tmp_path / "p.jsonl", n=12)
+    out = tmp_path / "dpo"
+    assert main(train_args(tiny_llama_dir, data, out, "train.max_steps=2", "data.eval=0.25", MIXED,
+                           "train.objective=dpo")) == 0
+    steps = [m for m in metrics(out) if "loss" in m]
+    assert len(steps) == 2 and steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # the policy starts as the reference
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["reward_margin"]) for m in steps)

@@ -11,9 +11,9 @@ from torch import nn
 
 from deltatune.compute.attention import packed_attention_enabled
 from deltatune.compute.loss import causal_lm_loss_sum, classification_loss_sum
-from deltatune.compute.preference import STAT_KEYS, PreferenceObjective, reply_logps
-from deltatune.data import Example, TokenizedExample, collate, split_by_tokens
-from deltatune.data.pairs import TokenizedPair, collate_pairs
+from deltatune.compute.preference import STAT_KEYS, PreferenceObjective, pair_batches, reply_logps
+from deltatune.data import Example, TokenizedExample, collate
+from deltatune.data.pairs import TokenizedPair
 from deltatune.data.tools import ToolCall, parse_tool_calls
 from deltatune.infer.generate import generate
 
@@ -69,22 +69,18 @@ def eval_pairs(model: nn.Module, pairs: list[TokenizedPair], objective: Preferen
     was_training = model.training
     model.eval()
     sums = dict.fromkeys(("pair_loss", "nll", "chosen_tokens", *STAT_KEYS), 0.0)
-    lengths = [len(p.input_ids) for p in pairs]
-    block_mask = not packed_attention_enabled(model)
     try:
-        for start in range(0, len(pairs), batch_size):
-            for run in split_by_tokens(range(start, min(start + batch_size, len(pairs))), lengths, pass_tokens):
-                batch = {k: v.to(device) for k, v in collate_pairs([pairs[i] for i in run],
-                                                                  block_mask=block_mask).items()}
-                ref = reference(batch, run) if reference is not None and objective.needs_reference else None
-                logps, counts = reply_logps(model, batch, chunked=chunked)
-                terms = objective.terms(logps, counts, ref)
-                sums["pair_loss"] += float(terms.loss.sum())
-                if terms.nll_sum is not None:
-                    sums["nll"] += float(terms.nll_sum)
-                    sums["chosen_tokens"] += float(counts[0::2].sum())
-                for key, value in terms.stats().items():
-                    sums[key] += value
+        for run, batch in pair_batches(pairs, batch_size=batch_size, pass_tokens=pass_tokens,
+                                       block_mask=not packed_attention_enabled(model), device=device):
+            ref = reference(batch, run) if reference is not None and objective.needs_reference else None
+            logps, counts = reply_logps(model, batch, chunked=chunked)
+            terms = objective.terms(logps, counts, ref)
+            sums["pair_loss"] += float(terms.loss.sum())
+            if terms.nll_sum is not None:
+                sums["nll"] += float(terms.nll_sum)
+                sums["chosen_tokens"] += float(counts[0::2].sum())
+            for key, value in terms.stats().items():
+                sums[key] += value
     finally:
         model.train(was_training)
     n = max(len(pairs), 1)

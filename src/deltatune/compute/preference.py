@@ -23,6 +23,7 @@ share of pairs whose chosen reward exceeds the rejected one; the margin is their
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,8 @@ from torch import nn
 from deltatune.compute.attention import PAIRS, packed_attention_enabled
 from deltatune.compute.chunked_ce import hidden_states_at, linear_token_logps, plain_output_layer
 from deltatune.compute.loss import accepts_logits_to_keep
+from deltatune.data import split_by_tokens
+from deltatune.data.pairs import TokenizedPair, collate_pairs
 
 OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "orpo")
 NEEDS_REFERENCE = frozenset({"dpo", "ipo"})
@@ -50,6 +53,17 @@ def pair_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, A
     else:
         raise ValueError("a pair row without a mask needs a model running deltatune's per-example attention")
     return inputs
+
+
+def pair_batches(pairs: Sequence[TokenizedPair], *, batch_size: int, pass_tokens: int | None, block_mask: bool,
+                 device: torch.device) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Yield ``(indices, batch on device)`` over ``pairs`` in order: ``batch_size`` pairs at a time, each cut into
+    rows of at most ``pass_tokens`` tokens (evaluation and the precomputed reference read pairs this way)."""
+    lengths = [len(p.input_ids) for p in pairs]
+    for start in range(0, len(pairs), batch_size):
+        for run in split_by_tokens(range(start, min(start + batch_size, len(pairs))), lengths, pass_tokens):
+            batch = collate_pairs([pairs[i] for i in run], block_mask=block_mask)
+            yield run, {k: v.to(device) for k, v in batch.items()}
 
 
 def reply_logps(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = True

@@ -139,13 +139,15 @@ def pair_mask(layout: Sequence[tuple[int, int, int, int]], dtype: torch.dtype = 
 
 
 def collate_pairs(pairs: Sequence[TokenizedPair], *, block_mask: bool = True,
-                  mask_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                  mask_dtype: torch.dtype = torch.float32, pad_multiple: int | None = None) -> dict[str, torch.Tensor]:
     """Pack ``pairs`` into one row; returns the model inputs and where to read the replies' log-probabilities.
 
     ``input_ids``/``position_ids`` (1, T); ``attention_mask`` (1, 1, T, T) when ``block_mask`` (else the layout
     alone keeps pairs apart); ``layout`` (n, 4): start, prompt, chosen and rejected lengths per pair; ``keep`` (N,):
     the position whose output predicts each supervised reply token, ``targets`` (N,) those tokens and ``sequence``
     (N,) which reply they belong to (2k: pair k's chosen, 2k + 1: its rejected); ``num_tokens``, ``num_pairs``.
+    ``pad_multiple`` rounds the row up with a filler segment of its own (a prompt-only entry in the layout, no
+    reply, not counted), as ``collate`` does for SFT rows in bf16.
     """
     if not pairs:
         raise ValueError("collate_pairs needs at least one pair")
@@ -168,12 +170,18 @@ def collate_pairs(pairs: Sequence[TokenizedPair], *, block_mask: bool = True,
                 targets.append(token)
                 sequence.append(2 * k + side)
         layout.append((start, p, c, r))
+    real = len(ids)
+    pad = -real % pad_multiple if pad_multiple else 0
+    if pad:
+        layout.append((real, pad, 0, 0))
+        ids += [0] * pad
+        positions += list(range(pad))
     batch = {"input_ids": torch.tensor(ids, dtype=torch.long)[None],
              "position_ids": torch.tensor(positions, dtype=torch.long)[None],
              "layout": torch.tensor(layout, dtype=torch.long),
              "keep": torch.tensor(keep, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long),
              "sequence": torch.tensor(sequence, dtype=torch.long),
-             "num_tokens": torch.tensor(len(ids)), "num_pairs": torch.tensor(len(pairs))}
+             "num_tokens": torch.tensor(real), "num_pairs": torch.tensor(len(pairs))}
     if block_mask:
         batch["attention_mask"] = pair_mask(layout, mask_dtype)
     return batch

@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deltatune.compute.preference import PreferenceObjective, reply_logps
+from deltatune.compute.preference import PreferenceObjective, pair_batches, reply_logps
 from deltatune.config import RunConfig, TrainConfig
-from deltatune.data import Example, split_by_tokens
-from deltatune.data.pairs import TokenizedPair, collate_pairs, tokenize_pairs
+from deltatune.data import Example
+from deltatune.data.pairs import TokenizedPair, tokenize_pairs
 from deltatune.errors import DeltatuneError
 from deltatune.evaluate import eval_pairs
 from deltatune.files import write_atomic
@@ -78,12 +78,9 @@ def score_pairs(model: nn.Module, pairs: Sequence[TokenizedPair], *, batch_size:
     """Return the summed reply log-probabilities of every pair as an (N, 2) float32 tensor (chosen, rejected),
     running the model as it is (the caller sets the reference context)."""
     out = torch.zeros(len(pairs), 2)
-    lengths = [len(p.input_ids) for p in pairs]
-    for start in range(0, len(pairs), batch_size):
-        for run in split_by_tokens(range(start, min(start + batch_size, len(pairs))), lengths, pass_tokens):
-            batch = {k: v.to(device) for k, v in collate_pairs([pairs[i] for i in run], block_mask=block_mask).items()}
-            logps, _ = reply_logps(model, batch, chunked=chunked)
-            out[run] = logps.view(-1, 2).float().cpu()
+    for run, batch in pair_batches(pairs, batch_size=batch_size, pass_tokens=pass_tokens, block_mask=block_mask,
+                                   device=device):
+        out[run] = reply_logps(model, batch, chunked=chunked)[0].view(-1, 2).float().cpu()
     return out
 
 
@@ -93,11 +90,6 @@ class Reference:
     def __init__(self, method: Method, model: nn.Module, tables: dict[str, torch.Tensor] | None,
                  chunked: bool) -> None:
         self.method, self.model, self.tables, self.chunked = method, model, tables, chunked
-
-    @property
-    def precomputed(self) -> bool:
-        """True when the log-probabilities come from the table computed before training."""
-        return self.tables is not None
 
     def logps(self, split: str, batch: dict[str, torch.Tensor], indices: Sequence[int]) -> torch.Tensor:
         """The reference's (2n,) reply log-probabilities of the pairs ``indices`` of ``split`` in ``batch``."""

@@ -60,10 +60,8 @@ def run_step(run: StepRun, share: Share) -> tuple[float, int, float | None, dict
         lengths = {i: len(run.dataset[i].input_ids) for idx, _ in share for i in idx}
         share = [(part, real) for idx, real in share for part in split_by_tokens(idx, lengths, run.t.pass_tokens)]
     block_mask = not packed_attention_enabled(run.inner)
-    # in bf16 rows are rounded up to 64 tokens: kernels compiled per shape stay few (compute/attention.py)
-    multiple = SHAPE_STEP if run.precision is not None and run.precision.name != "fp32" else None
     batches = [collate([run.dataset[i] for i in idx], mode=run.mode, pad_id=run.pad_id, task=run.task,
-                       block_mask=block_mask, pad_multiple=multiple) for idx, _ in share]
+                       block_mask=block_mask, pad_multiple=_row_multiple(run)) for idx, _ in share]
     real = [r for _, r in share]
     counts = [sum(int(b["num_supervised"]) for b, r in zip(batches, real, strict=True) if r),
               sum(int(b["num_tokens"]) for b, r in zip(batches, real, strict=True) if r)]
@@ -89,6 +87,12 @@ def run_step(run: StepRun, share: Share) -> tuple[float, int, float | None, dict
     return step_loss / max(total, 1), tokens, grad_norm, {}
 
 
+def _row_multiple(run: StepRun) -> int | None:
+    """In bf16 rows are rounded up to 64 tokens, so the kernels torch compiles per shape stay few
+    (compute/attention.py); None in float32."""
+    return SHAPE_STEP if run.precision is not None and run.precision.name != "fp32" else None
+
+
 def _optimizer_step(run: StepRun) -> float | None:
     """Clip (when asked), step and clear the gradients; return the gradient norm before clipping."""
     grad_norm = None
@@ -107,7 +111,8 @@ def _preference_step(run: StepRun, share: Share) -> tuple[float, int, float | No
     lengths = {i: len(pairs[i].input_ids) for idx, _ in share for i in idx}
     share = [(part, real) for idx, real in share for part in split_by_tokens(idx, lengths, run.t.pass_tokens)]
     block_mask = not packed_attention_enabled(run.inner)
-    batches = [collate_pairs([pairs[i] for i in idx], block_mask=block_mask) for idx, _ in share]  # type: ignore[misc]
+    batches = [collate_pairs([pairs[i] for i in idx], block_mask=block_mask,  # type: ignore[misc]
+                             pad_multiple=_row_multiple(run)) for idx, _ in share]
     real = [r for _, r in share]
     counts = [sum(float(b["num_pairs"]) for b, r in zip(batches, real, strict=True) if r),
               sum(float((b["sequence"] % 2 == 0).sum()) for b, r in zip(batches, real, strict=True) if r),
