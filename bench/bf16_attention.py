@@ -2,12 +2,15 @@
 
     .venv/bin/python bench/bf16_attention.py
 
-1. Speed: causal ``scaled_dot_product_attention`` forward + backward of one example (SmolLM2's 9 query and 3
-   key/value heads of 64) is no faster in bfloat16 than in float32, unlike the matmuls (bench/speed.py measures
-   those: about 4.5x), so attention caps what bf16 gains on a training step.
-2. Memory: its bfloat16 backward keeps something per sequence length it meets (a compiled kernel); resident
-   memory grows with every new length and stays. Rounding lengths up to a multiple of 64 (what deltatune does in
-   bf16: ``compute.attention.causal_sdpa``, ``collate(pad_multiple=...)``) keeps the count of lengths small.
+1. Speed: torch's causal ``scaled_dot_product_attention`` (flash attention) forward + backward of one example
+   (SmolLM2's 9 query and 3 key/value heads of 64) is no faster in bfloat16 than in float32, unlike the matmuls
+   (bench/speed.py measures those: about 4.5x), so it would cap what bf16 gains on a training step. deltatune's
+   bf16 path for sequences up to 512 tokens (``compute.attention._CausalAttentionBF16``: batched bf16 matmuls,
+   recompute in backward) is the third column.
+2. Memory: flash attention's bfloat16 backward keeps something per sequence length it meets (a compiled kernel);
+   resident memory grows with every new length and stays. Rounding lengths up to a multiple of 64 (what deltatune
+   does on its flash path in bf16, sequences over 512 tokens: ``compute.attention.causal_sdpa``) keeps the count
+   of lengths small.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_name
 
-LENGTHS = (192, 320, 512)
+from deltatune.compute.attention import causal_sdpa
+
+LENGTHS = (64, 128, 192, 256, 320, 512)
 
 
 def rss_mb() -> float:
@@ -32,27 +37,36 @@ def rss_mb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 1e6
 
 
-def step(length: int, dtype: torch.dtype) -> None:
-    """One causal attention forward and backward of one example of ``length`` tokens."""
+def step(length: int, dtype: torch.dtype, deltatune: bool = False) -> None:
+    """One causal attention forward and backward of one example of ``length`` tokens (torch's flash attention, or
+    deltatune's ``causal_sdpa`` when ``deltatune``)."""
     q = torch.randn(1, 9, length, 64, dtype=dtype, requires_grad=True)
     k = torch.randn(1, 3, length, 64, dtype=dtype, requires_grad=True)
     v = torch.randn(1, 3, length, 64, dtype=dtype, requires_grad=True)
-    F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).float().sum().backward()
+    if deltatune:
+        out = causal_sdpa(q, k, v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    out.float().sum().backward()
 
 
 def timing() -> None:
-    """Print forward + backward milliseconds per example length in float32 and bfloat16."""
-    print("| tokens | float32 ms | bfloat16 ms |\n| ---: | ---: | ---: |")
+    """Print forward + backward milliseconds per example length: flash attention in float32 and bfloat16, and
+    deltatune's bfloat16 attention (the best of 3 rounds of 10 each)."""
+    print("| tokens | flash float32 ms | flash bfloat16 ms | deltatune bfloat16 ms | deltatune vs flash bf16 |\n"
+          "| ---: | ---: | ---: | ---: | ---: |")
     for length in LENGTHS:
         cells = []
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype, mine in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
+            step(length, dtype, mine)
+            best = float("inf")
             for _ in range(3):
-                step(length, dtype)
-            started = time.perf_counter()
-            for _ in range(10):
-                step(length, dtype)
-            cells.append(f"{(time.perf_counter() - started) / 10 * 1e3:.2f}")
-        print(f"| {length} | {' | '.join(cells)} |")
+                started = time.perf_counter()
+                for _ in range(10):
+                    step(length, dtype, mine)
+                best = min(best, (time.perf_counter() - started) / 10 * 1e3)
+            cells.append(best)
+        print(f"| {length} | {' | '.join(f'{c:.2f}' for c in cells)} | {cells[1] / cells[2]:.2f}x |")
 
 
 def growth(rounded: bool, count: int = 24) -> float:

@@ -172,3 +172,45 @@ def test_dpo_trains_under_bf16_mixed_on_rows_rounded_up(tiny_llama_dir: Path, tm
     steps = [m for m in metrics(out) if "loss" in m]
     assert len(steps) == 2 and steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # the policy starts as the reference
     assert all(math.isfinite(m["loss"]) and math.isfinite(m["reward_margin"]) for m in steps)
+
+
+@pytest.mark.parametrize(("batch", "heads", "kv_heads", "length"),
+                         [(1, 9, 3, 37), (2, 4, 4, 130), (1, 8, 2, 300), (1, 9, 3, 530)])
+def test_bf16_causal_attention_matches_float64_within_bf16_rounding(batch: int, heads: int, kv_heads: int,
+                                                                     length: int) -> None:
+    from deltatune.compute.attention import MATH_MAX_LENGTH, causal_sdpa
+
+    g = torch.Generator().manual_seed(length)
+    # the query as transformers hands it over: a transposed, non-contiguous view
+    q = (torch.randn(batch, length, heads, 64, generator=g) * 2).transpose(1, 2)
+    k, v = torch.randn(2, batch, kv_heads, length, 64, generator=g).unbind(0)
+    grad_out = torch.randn(batch, heads, length, 64, generator=g)
+    results = {}
+    for dtype in (torch.float64, torch.bfloat16):
+        qq, kk, vv = (t.to(dtype).requires_grad_() for t in (q, k * 2, v))
+        if dtype == torch.float64:
+            out = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=0.1,
+                                                                   enable_gqa=heads != kv_heads)
+        else:
+            out = causal_sdpa(qq, kk, vv, scale=0.1)
+            assert out.dtype == torch.bfloat16 and out.shape == (batch, heads, length, 64)
+        out.backward(grad_out.to(dtype))
+        results[dtype] = [out.double()] + [t.grad.double() for t in (qq, kk, vv)]
+    for name, got, want in zip(("out", "dq", "dk", "dv"), results[torch.bfloat16], results[torch.float64],
+                               strict=True):
+        error = float((got - want).norm() / want.norm())
+        assert error < 0.02, f"{name}: relative error {error:.4f} (length {length}, math path "
+        f"{length <= MATH_MAX_LENGTH})"
+
+
+def test_bf16_causal_attention_never_lets_a_query_see_a_later_token() -> None:
+    from deltatune.compute.attention import causal_sdpa
+
+    q, k, v = torch.randn(3, 1, 4, 50, 32, dtype=torch.bfloat16).unbind(0)
+    changed = v.clone()
+    changed[:, :, 30:] += 5  # later tokens only
+    k2 = k.clone()
+    k2[:, :, 30:] -= 3
+    a, b = causal_sdpa(q, k, v), causal_sdpa(q, k2, changed)
+    assert torch.equal(a[:, :, :30], b[:, :, :30])
+    assert not torch.equal(a[:, :, 30:], b[:, :, 30:])

@@ -54,25 +54,83 @@ def _varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     return out.transpose(1, 2).contiguous(), None
 
 
-SHAPE_STEP = 64  # bf16/fp16 causal attention runs on lengths rounded up to this (see causal_sdpa)
+SHAPE_STEP = 64  # bf16/fp16 flash attention runs on lengths rounded up to this (see causal_sdpa)
+MATH_MAX_LENGTH = 512  # bf16 on CPU: sequences up to this take _CausalAttentionBF16 (beyond, flash is as fast)
 
 
 def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float = 0.0,
                 scale: float | None = None) -> torch.Tensor:
-    """Causal ``scaled_dot_product_attention`` over (B, H, T, D) tensors; returns (B, H, T, D).
+    """Causal attention over (B, H, T, D) tensors (grouped key/value heads allowed); returns (B, H, T, D).
 
-    In bfloat16 or float16 the sequences are padded at the end to a multiple of 64 first (causal attention never
-    lets a real query see the padding, and the padded rows are cut off): torch's CPU flash-attention backward keeps
-    a compiled kernel for every sequence length it meets, and packed rows meet hundreds of lengths (measured here:
-    about 8 MB of resident memory per new length, growing without bound over a bf16 run)."""
-    gqa = query.shape[1] != key.shape[1]
+    bfloat16 on a CPU, no dropout, T <= 512: :class:`_CausalAttentionBF16` (batched bf16 matmuls, recompute
+    in backward). Otherwise ``scaled_dot_product_attention`` (flash attention); in bfloat16 or float16 the
+    sequences are padded at the end to a multiple of 64 first (causal attention never lets a real query see the
+    padding, and the padded rows are cut off): torch's CPU flash-attention backward keeps a compiled kernel for
+    every sequence length it meets (measured here: about 5 MB of resident memory per new length, growing without
+    bound over a bf16 run)."""
     length = query.shape[2]
+    if (query.dtype == torch.bfloat16 and query.device.type == "cpu" and not dropout
+            and length <= MATH_MAX_LENGTH and query.shape[1] % key.shape[1] == 0):
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        out: torch.Tensor = _CausalAttentionBF16.apply(query, key, value, scale)
+        return out
+    gqa = query.shape[1] != key.shape[1]
     pad = -length % SHAPE_STEP if query.dtype in (torch.bfloat16, torch.float16) else 0
     if pad:
         query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
     out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scale,
                                          enable_gqa=gqa)
     return out[:, :, :length] if pad else out
+
+
+def _causal_probs(grouped_q: torch.Tensor, key: torch.Tensor, group: int, scale: float) -> torch.Tensor:
+    """Softmax of the causal scores of (N, group*T, D) queries (each key head's query heads one after the other)
+    against (N, T, D) keys; returns (N, group*T, T) in the inputs' dtype (the softmax accumulates in float32)."""
+    length = key.shape[1]
+    mask = torch.full((length, length), float("-inf"), dtype=key.dtype, device=key.device).triu_(1)
+    scores = torch.baddbmm(mask.repeat(group, 1), grouped_q, key.transpose(1, 2), alpha=scale)
+    return torch.softmax(scores, dim=-1)
+
+
+class _CausalAttentionBF16(torch.autograd.Function):
+    """Causal attention in bf16 on a CPU: about 2x torch's flash attention there on sequences of up to 256 tokens,
+    on par up to 512 (bench/bf16_attention.py).
+
+    torch's CPU flash-attention kernel works on small blocks and gains nothing from the bf16 dot-product units;
+    short sequences (SFT examples are mostly a few hundred tokens) are served better by three batched bf16 matmuls
+    per direction (cut a SmolLM2 bf16 LoRA step from 3.7 to 2.7 s, bench/speed.py): scores = Q K^T (bf16, the causal mask added by the same ``baddbmm``), P = softmax(scores)
+    (accumulated in float32, stored as bf16), O = P V. Grouped-query heads never copy the keys: each key head's
+    query heads are stacked into one (group*T, D) matrix. Backward recomputes P instead of storing it (nothing of
+    size T^2 outlives a layer, as with flash attention) and runs dV = P^T dO, dS = softmax_backward(dO V^T, P),
+    dQ = dS K, dK = dS^T Q. The scores are rounded to bf16 before the softmax (as transformers' eager attention
+    does under autocast): outputs and gradients stay within about 1% of float64's, against flash's 0.5-0.9%."""
+
+    @staticmethod
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+        batch, heads, length, dim = query.shape
+        kv_heads = key.shape[1]
+        group = heads // kv_heads
+        with torch.autocast("cpu", enabled=False):
+            grouped_q = query.reshape(batch * kv_heads, group * length, dim)
+            keys, values = key.reshape(batch * kv_heads, length, dim), value.reshape(batch * kv_heads, length, dim)
+            out = torch.bmm(_causal_probs(grouped_q, keys, group, scale), values)
+        ctx.save_for_backward(grouped_q, keys, values)
+        ctx.scale, ctx.group, ctx.shapes = scale, group, (query.shape, key.shape)
+        return out.view(batch, heads, length, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        grouped_q, keys, values = ctx.saved_tensors
+        query_shape, key_shape = ctx.shapes
+        with torch.autocast("cpu", enabled=False):
+            probs = _causal_probs(grouped_q, keys, ctx.group, ctx.scale)
+            grad_out = grad_out.to(values.dtype).reshape(grouped_q.shape)
+            grad_v = torch.bmm(probs.transpose(1, 2), grad_out)
+            grad_s = torch._softmax_backward_data(torch.bmm(grad_out, values.transpose(1, 2)), probs, -1, probs.dtype)
+            del probs
+            grad_q = torch.bmm(grad_s, keys).mul_(ctx.scale)
+            grad_k = torch.bmm(grad_s.transpose(1, 2), grouped_q).mul_(ctx.scale)
+        return grad_q.view(query_shape), grad_k.view(key_shape), grad_v.view(key_shape), None
 
 
 def _pair_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: list[list[int]],
