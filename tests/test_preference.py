@@ -292,7 +292,8 @@ def test_one_dpo_step_matches_trls_dpo_trainer(tiny_llama_dir: Path, tmp_path: P
     assert float(loss) == pytest.approx(float(trl_loss), rel=1e-5)
     assert abs(float(loss) - math.log(2)) > 1e-3  # the policy is not the reference
     for name, p in mine.items():
-        assert torch.allclose(p.grad, theirs[name].grad, rtol=1e-4, atol=1e-7), name
+        # float32 rounding: gradients of up to ~0.25 agree to a few 1e-7 (the log-softmax is computed differently)
+        assert torch.allclose(p.grad, theirs[name].grad, rtol=1e-4, atol=1e-6), name
     assert any(float(p.grad.abs().max()) > 1e-6 for p in mine.values())
 
 

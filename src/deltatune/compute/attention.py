@@ -63,23 +63,22 @@ def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dro
     """Causal attention over (B, H, T, D) tensors (grouped key/value heads allowed); returns (B, H, T, D).
 
     bfloat16 on a CPU, no dropout, T <= 512: :class:`_CausalAttentionBF16` (batched bf16 matmuls, recompute
-    in backward). Otherwise ``scaled_dot_product_attention`` (flash attention); in bfloat16 or float16 the
+    in backward). Otherwise ``scaled_dot_product_attention`` (flash attention). In bfloat16 or float16 the
     sequences are padded at the end to a multiple of 64 first (causal attention never lets a real query see the
-    padding, and the padded rows are cut off): torch's CPU flash-attention backward keeps a compiled kernel for
-    every sequence length it meets (measured here: about 5 MB of resident memory per new length, growing without
-    bound over a bf16 run)."""
+    padding, and the padded rows are cut off): the CPU bf16 kernels (oneDNN's matmuls, flash attention's backward)
+    keep compiled code for every shape they meet, about 1-2.5 MB of resident memory per new sequence length here
+    (bench/bf16_attention.py), growing without bound over a run that meets hundreds of lengths."""
     length = query.shape[2]
+    pad = -length % SHAPE_STEP if query.dtype in (torch.bfloat16, torch.float16) else 0
+    if pad:
+        query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
     if (query.dtype == torch.bfloat16 and query.device.type == "cpu" and not dropout
             and length <= MATH_MAX_LENGTH and query.shape[1] % key.shape[1] == 0):
         scale = query.shape[-1] ** -0.5 if scale is None else scale
         out: torch.Tensor = _CausalAttentionBF16.apply(query, key, value, scale)
-        return out
-    gqa = query.shape[1] != key.shape[1]
-    pad = -length % SHAPE_STEP if query.dtype in (torch.bfloat16, torch.float16) else 0
-    if pad:
-        query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
-    out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scale,
-                                         enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scale,
+                                             enable_gqa=query.shape[1] != key.shape[1])
     return out[:, :, :length] if pad else out
 
 
@@ -98,12 +97,13 @@ class _CausalAttentionBF16(torch.autograd.Function):
 
     torch's CPU flash-attention kernel works on small blocks and gains nothing from the bf16 dot-product units;
     short sequences (SFT examples are mostly a few hundred tokens) are served better by three batched bf16 matmuls
-    per direction (cut a SmolLM2 bf16 LoRA step from 3.7 to 2.7 s, bench/speed.py): scores = Q K^T (bf16, the causal mask added by the same ``baddbmm``), P = softmax(scores)
-    (accumulated in float32, stored as bf16), O = P V. Grouped-query heads never copy the keys: each key head's
-    query heads are stacked into one (group*T, D) matrix. Backward recomputes P instead of storing it (nothing of
-    size T^2 outlives a layer, as with flash attention) and runs dV = P^T dO, dS = softmax_backward(dO V^T, P),
-    dQ = dS K, dK = dS^T Q. The scores are rounded to bf16 before the softmax (as transformers' eager attention
-    does under autocast): outputs and gradients stay within about 1% of float64's, against flash's 0.5-0.9%."""
+    per direction (they cut a SmolLM2 bf16 LoRA step from 3.7 to 2.7 s, bench/speed.py): scores = Q K^T (bf16,
+    the causal mask added by the same ``baddbmm``), P = softmax(scores) (accumulated in float32, stored as bf16),
+    O = P V. Grouped-query heads never copy the keys: each key head's query heads are stacked into one
+    (group*T, D) matrix. Backward recomputes P instead of storing it (nothing of size T^2 outlives a layer, as
+    with flash attention) and runs dV = P^T dO, dS = softmax_backward(dO V^T, P), dQ = dS K, dK = dS^T Q. The
+    scores are rounded to bf16 before the softmax (as transformers' eager attention does under autocast): outputs
+    and gradients stay within about 1% of float64's, against flash's 0.5-0.9%."""
 
     @staticmethod
     def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:

@@ -23,9 +23,25 @@ from torch import nn
 
 from deltatune.data.tokenize import IGNORE_INDEX as IGNORE
 
-CHUNK_ROWS = 256
+CHUNK_ROWS = 128
+ROW_STEP = 64  # bf16/fp16 rows are padded up to a multiple of this (see _padded_rows)
 _PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
 """Model types whose causal LM computes ``logits = lm_head(hidden)`` with no scaling or soft-capping."""
+
+
+def _padded_rows(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                 filler: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """In bf16/fp16 (either input, or under autocast), pad ``hidden`` with zero rows and ``targets`` with
+    ``filler`` up to a multiple of 64 rows; return both (unchanged in float32). The CPU bf16 matmuls keep compiled
+    code for every shape they meet (about 1 MB each): the last chunk of each pass would otherwise bring a new row
+    count, hundreds over a run."""
+    low = ({hidden.dtype, weight.dtype} & {torch.bfloat16, torch.float16}
+           or torch.is_autocast_enabled(hidden.device.type))
+    pad = -hidden.shape[0] % ROW_STEP if low else 0
+    if not pad:
+        return hidden, targets
+    return (torch.nn.functional.pad(hidden, (0, 0, 0, pad)),
+            torch.nn.functional.pad(targets, (0, pad), value=filler))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -38,15 +54,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], CHUNK_ROWS):
             h = hidden[start:start + CHUNK_ROWS]
             t = targets[start:start + CHUNK_ROWS]
-            logits = (h @ weight.t()).float()  # (c, V)
+            logp = torch.log_softmax(h @ weight.t(), dim=-1, dtype=torch.float32)  # (c, V)
             valid = t != IGNORE
             picked = t.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, picked[:, None]).squeeze(1)) * valid).sum()
+            total -= (logp.gather(1, picked[:, None]).squeeze(1) * valid).sum()
             if want_h or want_w:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad = logp.exp_()  # softmax, in place
                 grad[torch.arange(len(t), device=grad.device), picked] -= 1.0
-                grad.mul_(valid[:, None])
+                if not bool(valid.all()):
+                    grad.mul_(valid[:, None])
                 grad = grad.to(weight.dtype)
                 if grad_h is not None:
                     grad_h[start:start + CHUNK_ROWS] = grad @ weight
@@ -72,6 +88,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     computed in the forward pass chunk by chunk (see the module docstring)."""
     want_h = torch.is_grad_enabled() and hidden.requires_grad
     want_w = torch.is_grad_enabled() and weight.requires_grad
+    hidden, targets = _padded_rows(hidden, weight, targets, IGNORE)
     loss: torch.Tensor = _LinearCrossEntropy.apply(hidden, weight, targets, want_h, want_w)
     return loss
 
@@ -87,11 +104,10 @@ class _LinearTokenLogps(torch.autograd.Function):
         dlogp_dh = torch.empty_like(hidden) if want_h else None
         for start in range(0, hidden.shape[0], CHUNK_ROWS):
             h, t = hidden[start:start + CHUNK_ROWS], targets[start:start + CHUNK_ROWS]
-            logits = (h @ weight.t()).float()  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            out[start:start + CHUNK_ROWS] = logits.gather(1, t[:, None]).squeeze(1) - lse
+            logp = torch.log_softmax(h @ weight.t(), dim=-1, dtype=torch.float32)  # (c, V)
+            out[start:start + CHUNK_ROWS] = logp.gather(1, t[:, None]).squeeze(1)
             if dlogp_dh is not None:  # d logp / d logits = onehot - softmax
-                grad = logits.sub_(lse[:, None]).exp_().neg_()
+                grad = logp.exp_().neg_()
                 grad[torch.arange(len(t), device=grad.device), t] += 1.0
                 dlogp_dh[start:start + CHUNK_ROWS] = grad.to(weight.dtype) @ weight
         ctx.save_for_backward(dlogp_dh if want_h else None, hidden if want_w else None, weight if want_w else None,
@@ -124,8 +140,10 @@ def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     exist at once; differentiable in ``hidden`` and ``weight``."""
     want_h = torch.is_grad_enabled() and hidden.requires_grad
     want_w = torch.is_grad_enabled() and weight.requires_grad
+    rows = hidden.shape[0]
+    hidden, targets = _padded_rows(hidden, weight, targets, 0)
     logps: torch.Tensor = _LinearTokenLogps.apply(hidden, weight, targets, want_h, want_w)
-    return logps
+    return logps[:rows]
 
 
 def plain_output_layer(model: nn.Module) -> nn.Linear | None:
