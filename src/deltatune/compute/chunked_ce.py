@@ -44,30 +44,57 @@ def _padded_rows(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
             torch.nn.functional.pad(targets, (0, pad), value=filler))
 
 
+def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype ``hidden @ weight.t()`` runs in here: autocast's when it is on, else the inputs' promotion."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
+    """Each chunk: logits into one reused buffer, float32 log-softmax into another (the loss gathers from it), the
+    softmax minus the one-hot in place of it, then the gradient rows ``(softmax - onehot) @ W``. The three (chunk,
+    vocabulary) buffers live for the whole call: a fresh 25 MB tensor per chunk costs its page faults every time."""
+
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, want_h: bool,
                 want_w: bool) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if want_h else None
+        dtype = _matmul_dtype(hidden, weight)
+        device = hidden.device
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        grad_h = torch.empty(hidden.shape, dtype=dtype, device=device) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        for start in range(0, hidden.shape[0], CHUNK_ROWS):
-            h = hidden[start:start + CHUNK_ROWS]
-            t = targets[start:start + CHUNK_ROWS]
-            logp = torch.log_softmax(h @ weight.t(), dim=-1, dtype=torch.float32)  # (c, V)
-            valid = t != IGNORE
-            picked = t.clamp(min=0)
-            total -= (logp.gather(1, picked[:, None]).squeeze(1) * valid).sum()
-            if want_h or want_w:
-                grad = logp.exp_()  # softmax, in place
-                grad[torch.arange(len(t), device=grad.device), picked] -= 1.0
+        rows = min(CHUNK_ROWS, hidden.shape[0])
+        vocab = weight.shape[0]
+        with torch.autocast(device.type, enabled=False):
+            w = weight.to(dtype)
+            logits = torch.empty(rows, vocab, dtype=dtype, device=device)
+            logp = logits if dtype == torch.float32 else torch.empty(rows, vocab, dtype=torch.float32, device=device)
+            grad = logp if dtype == torch.float32 else torch.empty(rows, vocab, dtype=dtype, device=device)
+            for start in range(0, hidden.shape[0], CHUNK_ROWS):
+                h = hidden[start:start + CHUNK_ROWS].to(dtype)
+                t = targets[start:start + CHUNK_ROWS]
+                n = len(t)
+                torch.mm(h, w.t(), out=logits[:n])
+                torch.log_softmax(logits[:n], dim=-1, dtype=torch.float32, out=logp[:n])
+                valid = t != IGNORE
+                picked = t.clamp(min=0)
+                total -= (logp[:n].gather(1, picked[:, None]).squeeze(1) * valid).sum()
+                if not (want_h or want_w):
+                    continue
+                soft = logp[:n].exp_()  # softmax, in place
+                soft[torch.arange(n, device=device), picked] -= 1.0
                 if not bool(valid.all()):
-                    grad.mul_(valid[:, None])
-                grad = grad.to(weight.dtype)
+                    soft.mul_(valid[:, None])
+                if grad is not logp:
+                    grad[:n].copy_(soft)
                 if grad_h is not None:
-                    grad_h[start:start + CHUNK_ROWS] = grad @ weight
+                    torch.mm(grad[:n], w, out=grad_h[start:start + n])
                 if grad_w is not None:
-                    grad_w += (grad.t() @ h).float()
+                    grad_w += (grad[:n].t() @ h).float()
+        if grad_h is not None:
+            grad_h = grad_h.to(hidden.dtype)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.has = (want_h, want_w)
         ctx.weight_dtype = weight.dtype
