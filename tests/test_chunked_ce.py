@@ -37,6 +37,41 @@ def test_linear_cross_entropy_matches_autograd_across_chunks(monkeypatch: pytest
         assert torch.allclose(linear_cross_entropy_sum(hidden, weight, targets), want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bf16_rows_are_padded_to_64_and_the_padding_changes_nothing(autocast: bool,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltatune.compute.chunked_ce import linear_token_logps
+
+    monkeypatch.setattr(chunked_ce, "CHUNK_ROWS", 64)
+    shapes = []
+    real_mm = torch.mm
+
+    def recording_mm(a: torch.Tensor, b: torch.Tensor, **kw: object) -> torch.Tensor:
+        shapes.append(a.shape[0])
+        return real_mm(a, b, **kw)
+
+    torch.manual_seed(0)
+    hidden = torch.randn(77, 16, dtype=torch.float32 if autocast else torch.bfloat16, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.bfloat16)
+    targets = torch.randint(0, 50, (77,))
+    targets[[3, 76]] = -100
+    logits = (hidden.to(torch.bfloat16) @ weight.t()).float()  # what the bf16 matmul gives, unpadded
+    want = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    (want_grad,) = torch.autograd.grad(want, hidden)
+    monkeypatch.setattr(torch, "mm", recording_mm)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = linear_cross_entropy_sum(hidden, weight, targets)
+        (grad,) = torch.autograd.grad(got, hidden)
+        logps = linear_token_logps(hidden.detach(), weight, targets.clamp(min=0))
+    assert set(shapes) == {64}  # 77 rows: one chunk of 64 and 13 padded up to 64, never a 13-row matmul
+    assert grad.shape == hidden.shape and grad.dtype == hidden.dtype
+    assert torch.allclose(got, want, rtol=1e-4)
+    assert torch.allclose(grad.float(), want_grad.float(), atol=2e-2, rtol=2e-2)
+    assert logps.shape == (77,)
+    assert torch.allclose(logps, torch.log_softmax(logits, -1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1),
+                          atol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_the_training_loss_is_the_same_with_and_without_chunks(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(chunked_ce, "CHUNK_ROWS", 5)

@@ -5,8 +5,9 @@
   (``torch.autocast``), while the parameters that train, their gradients and the optimizer state stay float32
   (master weights: an update smaller than bfloat16's 8-bit mantissa is not lost). What stays float32 and why:
   RMSNorm/LayerNorm (transformers' Llama norm and deltatune's fused one compute in float32 and cast back: the
-  variance of bf16 activations loses too many digits), softmax inside attention (sdpa accumulates in float32),
-  the output layer's log-softmax and the loss (``chunked_ce`` takes logits to float32 before the logsumexp),
+  variance of bf16 activations loses too many digits), the softmax inside attention (it accumulates in float32;
+  the scores it reads are bf16 on deltatune's CPU path, as in transformers' eager attention under autocast), the
+  output layer's log-softmax and the loss (``chunked_ce`` computes a float32 log-softmax of the bf16 logits),
   the gradient-norm reduction and the optimizer step (float32 parameters and moments). ``full`` fine-tuning trains
   every weight, so its weights stay float32 masters and only the matmuls run in bfloat16.
 - ``bf16``: everything in bfloat16, the trained parameters and their optimizer state too: fastest and smallest,
