@@ -376,9 +376,13 @@ def worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
 def worker_deltatune(spec: dict[str, Any]) -> dict[str, Any]:
     """Contender 3: deltatune's own train() with its defaults; each step timed by a callback (end to end)."""
     torch = _child_setup(spec)
+    import transformers  # noqa: F401  (counted in the imports' resident memory below)
+
     import deltatune.training.loop as loop
     from deltatune.config import load_config
     from deltatune.training.callbacks import Callback
+
+    imports_rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     work = json.loads(Path(spec["work"]).read_text()) if spec.get("work") else None
     records: list[dict[str, Any]] = []
@@ -402,7 +406,7 @@ def worker_deltatune(spec: dict[str, Any]) -> dict[str, Any]:
 
     result = loop.train(load_config(None, deltatune_overrides(spec)), progress=False, callbacks=[StepTimer()])
     timing = "a step callback"
-    return _finish(spec, records, result.trainable_params, timing=timing)
+    return _finish(spec, records, result.trainable_params, timing=timing, imports_rss_bytes=imports_rss)
 
 
 def build_random_model(job: dict[str, Any]) -> dict[str, Any]:
@@ -481,6 +485,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
             "timed_steps": f"{2 if len(steps) > 1 else 1}..{len(steps)}",
             "loss_first": steps[0]["loss"], "loss_last": steps[-1]["loss"],
             "peak_rss_gb": raw["peak_rss_bytes"] / 1e9,
+            "imports_rss_gb": raw["imports_rss_bytes"] / 1e9 if raw.get("imports_rss_bytes") else None,
             "peak_gpu_gb": raw["peak_gpu_bytes"] / 1e9 if raw.get("peak_gpu_bytes") is not None else None}
 
 
@@ -565,6 +570,11 @@ def bf16_targets(rows: dict[str, dict[str, Any]], base: dict[str, Any]) -> None:
               f"{'holds' if speed >= 1.8 else 'misses'}")
         print(f"target: deltatune bf16-mixed peak memory <= 0.6x fp32's: {memory:.2f}x, "
               f"{'holds' if memory <= 0.6 else 'misses'}")
+        if mine.get("imports_rss_gb") and fp32.get("imports_rss_gb"):
+            base_gb = (mine["imports_rss_gb"] + fp32["imports_rss_gb"]) / 2
+            above = (mine["peak_rss_gb"] - mine["imports_rss_gb"]) / (fp32["peak_rss_gb"] - fp32["imports_rss_gb"])
+            print(f"  of which the process's imports (Python, torch, transformers, deltatune; the same in both): "
+                  f"{base_gb:.2f} GB; the peak above them: {above:.2f}x")
     if mine and peers:
         best = max(peers, key=lambda n: peers[n]["tokens_per_s"])
         lead = mine["tokens_per_s"] / peers[best]["tokens_per_s"]

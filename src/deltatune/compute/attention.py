@@ -20,6 +20,7 @@ with the default rows of at most 640 tokens (train.pass_tokens), 1.07x.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any
 
@@ -85,10 +86,17 @@ def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dro
 def _causal_probs(grouped_q: torch.Tensor, key: torch.Tensor, group: int, scale: float) -> torch.Tensor:
     """Softmax of the causal scores of (N, group*T, D) queries (each key head's query heads one after the other)
     against (N, T, D) keys; returns (N, group*T, T) in the inputs' dtype (the softmax accumulates in float32)."""
-    length = key.shape[1]
-    mask = torch.full((length, length), float("-inf"), dtype=key.dtype, device=key.device).triu_(1)
-    scores = torch.baddbmm(mask.repeat(group, 1), grouped_q, key.transpose(1, 2), alpha=scale)
+    mask = _causal_mask(key.shape[1], group, key.dtype, key.device)
+    scores = torch.baddbmm(mask, grouped_q, key.transpose(1, 2), alpha=scale)
     return torch.softmax(scores, dim=-1)
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_mask(length: int, group: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The additive causal mask (-inf above the diagonal) of ``length`` tokens, stacked ``group`` times: (group*T, T).
+    Cached: in bf16 the lengths are multiples of 64, so a run meets at most 8 of them up to 512."""
+    mask = torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu_(1)
+    return mask.repeat(group, 1)
 
 
 class _CausalAttentionBF16(torch.autograd.Function):
