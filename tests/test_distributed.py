@@ -21,6 +21,7 @@ from deltatune.training.checkpoint import checkpoint_dirs, load_trainable
 from deltatune.training.distributed import step_share
 from tests.test_train import metrics, write_chat_data
 
+PLAIN_LOSS = "train.chunked_loss=false"  # what a distributed run computes (see one_rank_accum2)
 COMMON = ("train.seed=3", "train.batch_size=4", "data.eval=0.25", "train.lr=1e-2",
           "train.dist_timeout=30", "--no-progress")
 
@@ -104,10 +105,12 @@ def chat_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def one_rank_accum2(tiny_llama_dir: Path, chat_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The single-process reference: batch 4, grad_accum 2, 8 steps (each epoch ends in a short step)."""
+    """The single-process reference: batch 4, grad_accum 2, 8 steps (each epoch ends in a short step). Distributed
+    runs take the loss from the model's logits (no chunked loss), so the reference does too: the two loss paths
+    agree only to float rounding, which 8 steps at lr 1e-2 grow past the 1e-6 this file compares at."""
     out = tmp_path_factory.mktemp("ref") / "run"
     torch.set_num_threads(1)
-    assert main(args(tiny_llama_dir, chat_data, out, "train.max_steps=8", "train.grad_accum=2")) == 0
+    assert main(args(tiny_llama_dir, chat_data, out, "train.max_steps=8", "train.grad_accum=2", PLAIN_LOSS)) == 0
     return out
 
 
@@ -164,7 +167,7 @@ def test_fsdp_on_two_ranks_equals_one_rank_with_grad_accum_2(method: str, tiny_l
                                                              ) -> None:
     settings = (f"method.name={method}", "train.max_steps=3", "train.lr=1e-3")
     ref, out = tmp_path / "ref", tmp_path / "fsdp"
-    assert main(args(tiny_llama_dir, chat_data, ref, *settings, "train.grad_accum=2")) == 0
+    assert main(args(tiny_llama_dir, chat_data, ref, *settings, "train.grad_accum=2", PLAIN_LOSS)) == 0
     capfd.readouterr()
     assert main([*args(tiny_llama_dir, chat_data, out, *settings, "train.distributed=fsdp"), "--nproc", "2"]) == 0
     printed = capfd.readouterr().out
