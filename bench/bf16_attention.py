@@ -5,11 +5,11 @@
 1. Speed: torch's causal ``scaled_dot_product_attention`` (flash attention) forward + backward of one example
    (SmolLM2's 9 query and 3 key/value heads of 64) is no faster in bfloat16 than in float32, unlike the matmuls
    (bench/speed.py measures those: about 4.5x), so it would cap what bf16 gains on a training step. deltatune's
-   bf16 path for sequences up to 512 tokens (``compute.attention._CausalAttentionBF16``: batched bf16 matmuls,
-   recompute in backward) is the third column.
+   bf16 path for sequences up to 2,048 tokens (``compute.attention._CausalAttentionBF16`` and, over 256 tokens,
+   ``_BlockedCausalAttentionBF16``: batched bf16 matmuls, recompute in backward) is the third column.
 2. Memory: flash attention's bfloat16 backward keeps something per sequence length it meets (a compiled kernel);
    resident memory grows with every new length and stays. Rounding lengths up to a multiple of 64 (what deltatune
-   does on its flash path in bf16, sequences over 512 tokens: ``compute.attention.causal_sdpa``) keeps the count
+   does on its flash path in bf16, sequences over 2,048 tokens: ``compute.attention.causal_sdpa``) keeps the count
    of lengths small.
 """
 
@@ -28,7 +28,7 @@ from machine import cpu_name
 
 from deltatune.compute.attention import causal_sdpa
 
-LENGTHS = (64, 128, 192, 256, 320, 512)
+LENGTHS = (64, 128, 192, 256, 320, 512, 1024, 2048)
 
 
 def rss_mb() -> float:

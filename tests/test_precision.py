@@ -175,7 +175,7 @@ def test_dpo_trains_under_bf16_mixed_on_rows_rounded_up(tiny_llama_dir: Path, tm
 
 
 @pytest.mark.parametrize(("batch", "heads", "kv_heads", "length"),
-                         [(1, 9, 3, 37), (2, 4, 4, 130), (1, 8, 2, 300), (1, 9, 3, 530)])
+                         [(1, 9, 3, 37), (2, 4, 4, 130), (1, 8, 2, 300), (2, 4, 2, 449), (1, 9, 3, 2100)])
 def test_bf16_causal_attention_matches_float64_within_bf16_rounding(batch: int, heads: int, kv_heads: int,
                                                                      length: int) -> None:
     from deltatune.compute.attention import MATH_MAX_LENGTH, causal_sdpa
@@ -203,14 +203,15 @@ def test_bf16_causal_attention_matches_float64_within_bf16_rounding(batch: int, 
         f"{length <= MATH_MAX_LENGTH})"
 
 
-def test_bf16_causal_attention_never_lets_a_query_see_a_later_token() -> None:
+@pytest.mark.parametrize(("length", "cut"), [(50, 30), (300, 200)])  # one block; blocks of 128
+def test_bf16_causal_attention_never_lets_a_query_see_a_later_token(length: int, cut: int) -> None:
     from deltatune.compute.attention import causal_sdpa
 
-    q, k, v = torch.randn(3, 1, 4, 50, 32, dtype=torch.bfloat16).unbind(0)
+    q, k, v = torch.randn(3, 1, 4, length, 32, dtype=torch.bfloat16).unbind(0)
     changed = v.clone()
-    changed[:, :, 30:] += 5  # later tokens only
+    changed[:, :, cut:] += 5  # later tokens only
     k2 = k.clone()
-    k2[:, :, 30:] -= 3
+    k2[:, :, cut:] -= 3
     a, b = causal_sdpa(q, k, v), causal_sdpa(q, k2, changed)
-    assert torch.equal(a[:, :, :30], b[:, :, :30])
-    assert not torch.equal(a[:, :, 30:], b[:, :, 30:])
+    assert torch.equal(a[:, :, :cut], b[:, :, :cut])
+    assert not torch.equal(a[:, :, cut:], b[:, :, cut:])
