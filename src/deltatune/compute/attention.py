@@ -87,6 +87,22 @@ def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dro
     return out[:, :, :length] if pad else out
 
 
+def _stack_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_major: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Stack each key head's query heads into one matrix: returns ((B*KV, group*T, D) queries, (B*KV, T, D) keys and
+    values, group). Rows are head-major (r*T + p) or, with ``position_major``, position-major (p*group + r)."""
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    if position_major:
+        grouped_q = query.reshape(batch, kv_heads, group, length, dim).transpose(2, 3).reshape(
+            batch * kv_heads, length * group, dim)
+    else:
+        grouped_q = query.reshape(batch * kv_heads, group * length, dim)
+    flat = (batch * kv_heads, length, dim)
+    return grouped_q, key.reshape(flat), value.reshape(flat), group
+
+
 def _causal_probs(grouped_q: torch.Tensor, key: torch.Tensor, group: int, scale: float) -> torch.Tensor:
     """Softmax of the causal scores of (N, group*T, D) queries (each key head's query heads one after the other)
     against (N, T, D) keys; returns (N, group*T, T) in the inputs' dtype (the softmax accumulates in float32)."""
@@ -120,11 +136,8 @@ class _CausalAttentionBF16(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
         batch, heads, length, dim = query.shape
-        kv_heads = key.shape[1]
-        group = heads // kv_heads
         with torch.autocast("cpu", enabled=False):
-            grouped_q = query.reshape(batch * kv_heads, group * length, dim)
-            keys, values = key.reshape(batch * kv_heads, length, dim), value.reshape(batch * kv_heads, length, dim)
+            grouped_q, keys, values, group = _stack_heads(query, key, value, position_major=False)
             out = torch.bmm(_causal_probs(grouped_q, keys, group, scale), values)
         ctx.save_for_backward(grouped_q, keys, values)
         ctx.scale, ctx.group, ctx.shapes = scale, group, (query.shape, key.shape)
@@ -172,13 +185,10 @@ class _BlockedCausalAttentionBF16(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-        batch, heads, length, dim = query.shape
+        batch, _, length, dim = query.shape
         kv_heads = key.shape[1]
-        group = heads // kv_heads
         with torch.autocast("cpu", enabled=False):
-            grouped_q = query.reshape(batch, kv_heads, group, length, dim).transpose(2, 3).reshape(
-                batch * kv_heads, length * group, dim)
-            keys, values = key.reshape(batch * kv_heads, length, dim), value.reshape(batch * kv_heads, length, dim)
+            grouped_q, keys, values, group = _stack_heads(query, key, value, position_major=True)
             out = torch.empty_like(grouped_q)
             for start in range(0, length, BLOCK):
                 stop = min(start + BLOCK, length)
