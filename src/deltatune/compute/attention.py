@@ -55,7 +55,7 @@ def _varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     return out.transpose(1, 2).contiguous(), None
 
 
-SHAPE_STEP = 64  # bf16/fp16 flash attention runs on lengths rounded up to this (see causal_sdpa)
+SHAPE_STEP = 64  # bf16/fp16 sequence lengths and packed rows are rounded up to this (see causal_sdpa)
 MATH_MAX_LENGTH = 2048  # bf16 on CPU: sequences up to this take deltatune's attention (beyond: flash attention)
 ONE_BLOCK_MAX = 256  # up to this, _CausalAttentionBF16; longer: _BlockedCausalAttentionBF16 in blocks of BLOCK
 BLOCK = 128
