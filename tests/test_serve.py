@@ -543,3 +543,39 @@ def test_the_vllm_engine_command_serves_lora_deltas_and_refuses_the_others(delta
     assert main(["serve", f"dates={deltas['lora']}", "--engine", "vllm"]) == 2
     err = capsys.readouterr().err
     assert "vLLM is not installed here" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("offset", [0, 5])
+def test_bf16_prefill_runs_prompts_rounded_up_to_64_and_keeps_only_the_prompt(offset: int) -> None:
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from deltatune.serving.engine import prefill
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    rows: list[int] = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[1]))
+    prompt = torch.randint(3, 300, (37,)).tolist()
+    prefix = [(torch.randn(1, 2, offset, 16, dtype=torch.bfloat16),) * 2 for _ in range(2)]
+    cpu = torch.device("cpu")
+    results = {}
+    with torch.no_grad():
+        for step in (1, 64):
+            cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in prefix]) if offset else None
+            cache = cache or DynamicCache()
+            results[step] = (prefill(model, prompt, cache, offset, step, 128, cpu), cache)
+        assert rows == [37, 64]  # unrounded, then rounded up to 64
+        (exact, exact_cache), (padded, padded_cache) = results[1], results[64]
+        assert padded.shape == (1, 300)
+        assert torch.allclose(padded.float(), exact.float(), atol=0.05)  # bf16: another row count, other rounding
+        for a, b in zip(exact_cache.layers, padded_cache.layers, strict=True):
+            assert b.keys.shape[2] == offset + 37  # the padding was cut off the cache
+            assert torch.allclose(a.keys.float(), b.keys.float(), atol=0.05)
+        # near the end of the context the padding stops at its last position: 80 + 37 + 11 = 128
+        rows.clear()
+        long_prefix = [(torch.randn(1, 2, 80, 16, dtype=torch.bfloat16),) * 2 for _ in range(2)]
+        cache = DynamicCache(ddp_cache_data=long_prefix)
+        prefill(model, prompt, cache, 80, 64, 128, cpu)
+        assert rows == [48] and cache.layers[0].keys.shape[2] == 80 + 37

@@ -111,6 +111,7 @@ class Engine:
         dtype = self.model.get_input_embeddings().weight.dtype
         self.kv = KVSlots(layers, kv_heads, head_dim, max_batch, dtype, self.device)
         self._boolean_mask = getattr(self.model.config, "_attn_implementation", "eager") == "sdpa"
+        self._round_prefill = self.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
     # ---- outside the engine thread ---------------------------------------------------------------------
 
@@ -246,15 +247,12 @@ class Engine:
             request.generator = torch.Generator().manual_seed(request.params.seed)
         n = request.prefix[0][0].shape[2] if request.prefix else 0
         length = len(request.prompt_ids)
-        ids = torch.tensor([request.prompt_ids], device=self.device)
         cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in request.prefix]) \
             if request.prefix else DynamicCache()
         with row_plan(torch.tensor([request.slot])):
-            out = self.bank.model_of(request.group)(
-                input_ids=ids, attention_mask=torch.ones(1, n + length, dtype=torch.long, device=self.device),
-                position_ids=torch.arange(n, n + length, device=self.device)[None], cache=cache, use_cache=True,
-                logits_to_keep=1)
-        token = self._sample(out.logits[:, -1], [request])[0]
+            logits = prefill(self.bank.model_of(request.group), request.prompt_ids, cache, n,
+                             PREFILL_STEP if self._round_prefill else 1, self.context, self.device)
+        token = self._sample(logits, [request])[0]
         if self._advance(request, token, n + length + 1):
             return
         self.kv.append([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
@@ -335,6 +333,32 @@ class Engine:
         for request in self._rows:
             request.emit(Event("", "error", len(request.prompt_ids), len(request.generated), error=message))
         self._drop(list(range(len(self._rows))))
+
+
+PREFILL_STEP = 64  # bf16 on a CPU: prompts are run padded to a multiple of this many tokens (see prefill)
+
+
+def prefill(model: Any, prompt_ids: list[int], cache: DynamicCache, offset: int, step: int, context: int,
+            device: torch.device) -> torch.Tensor:
+    """Run ``prompt_ids`` (positions ``offset``...) through ``model`` into ``cache``; return the logits (1, V) of
+    the prompt's last token.
+
+    With ``step`` > 1 the prompt is padded at the end to a multiple of ``step`` tokens and the cache cut back to the
+    prompt afterwards (causal attention never lets a prompt token see the padding): on a CPU the bf16 matmuls keep
+    compiled code for every shape they meet (about 2.8 MB per new prompt length for SmolLM2), so a server
+    that met every prompt length would grow by gigabytes; rounded, it meets at most context / ``step`` lengths.
+    The padding never reaches past ``context`` positions."""
+    length = len(prompt_ids)
+    pad = min(-length % step, max(context - offset - length, 0))
+    ids = torch.tensor([prompt_ids + [prompt_ids[-1]] * pad], device=device)
+    total = offset + length + pad
+    out = model(input_ids=ids, attention_mask=torch.ones(1, total, dtype=torch.long, device=device),
+                position_ids=torch.arange(offset, total, device=device)[None], cache=cache, use_cache=True,
+                logits_to_keep=pad + 1)
+    if pad:
+        cache.crop(-pad)  # transformers 5: a negative count removes that many tokens from the end
+    logits: torch.Tensor = out.logits[:, 0]
+    return logits
 
 
 def _held_back(text: str, stops: list[str]) -> int:
