@@ -1,6 +1,8 @@
-"""Two facts about torch's CPU attention in bfloat16 that shape deltatune's bf16-mixed training.
+"""Two facts about torch's CPU attention in bfloat16 that shape deltatune's bf16-mixed training, and a third that
+shapes bf16 serving.
 
-    .venv/bin/python bench/bf16_attention.py
+    .venv/bin/python bench/bf16_attention.py             # 1 and 2
+    .venv/bin/python bench/bf16_attention.py --prefill   # 3 (loads the bundled SmolLM2 in bf16)
 
 1. Speed: torch's causal ``scaled_dot_product_attention`` (flash attention) forward + backward of one example
    (SmolLM2's 9 query and 3 key/value heads of 64) is no faster in bfloat16 than in float32, unlike the matmuls
@@ -11,6 +13,9 @@
    resident memory grows with every new length and stays. Rounding lengths up to a multiple of 64 (what deltatune
    does on its flash path in bf16, sequences over 2,048 tokens: ``compute.attention.causal_sdpa``) keeps the count
    of lengths small.
+3. The same holds for the bf16 matmuls (oneDNN): a server prefilling prompts of ever-new lengths grows;
+   ``serving.engine.prefill`` rounds prompts up to 64 tokens in bf16 on a CPU. ``--prefill`` prefills 200 prompt
+   lengths (21-618 tokens) with and without the rounding and prints the resident memory each added.
 """
 
 from __future__ import annotations
@@ -80,9 +85,39 @@ def growth(rounded: bool, count: int = 24) -> float:
     return rss_mb() - before
 
 
+def prefill_growth(step: int) -> float:
+    """Resident memory (MB) added by prefilling 200 prompts of lengths 21, 24, ..., 618 into SmolLM2 in bf16 through
+    ``serving.engine.prefill`` rounding prompts up to ``step`` tokens (1: no rounding)."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from deltatune.models import resolve_source
+    from deltatune.serving.engine import prefill
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_source("default"), dtype=torch.bfloat16).eval()
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        prefill(model, list(range(20)), DynamicCache(), 0, step, 8192, cpu)
+        before = rss_mb()
+        for length in range(21, 621, 3):
+            prefill(model, torch.randint(0, 1000, (length,)).tolist(), DynamicCache(), 0, step, 8192, cpu)
+    return rss_mb() - before
+
+
 def main() -> None:
-    """Print both measurements."""
+    """Print the measurements (the attention ones, or with --prefill the prefill one, in a fresh process each)."""
     print(f"# bench/bf16_attention.py: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    if "--prefill" in sys.argv[1:]:
+        if len(sys.argv) > 2:  # a child: one measurement in its own process
+            print(f"{prefill_growth(int(sys.argv[2])):.0f}")
+            return
+        import subprocess
+
+        for step in (1, 64):
+            out = subprocess.run([sys.executable, __file__, "--prefill", str(step)], capture_output=True, text=True,
+                                 check=True).stdout.strip().splitlines()[-1]
+            label = "unrounded" if step == 1 else "rounded up to 64 (what deltatune serves with)"
+            print(f"200 bf16 prefills of prompts of 21-618 tokens, {label}: {out} MB of resident memory added")
+        return
     timing()
     raw = growth(rounded=False)
     rounded = growth(rounded=True)
