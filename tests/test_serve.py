@@ -563,8 +563,7 @@ def test_bf16_prefill_runs_prompts_rounded_up_to_64_and_keeps_only_the_prompt(of
     results = {}
     with torch.no_grad():
         for step in (1, 64):
-            cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in prefix]) if offset else None
-            cache = cache or DynamicCache()
+            cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in prefix] if offset else None)
             results[step] = (prefill(model, prompt, cache, offset, step, 128, cpu), cache)
         assert rows == [37, 64]  # unrounded, then rounded up to 64
         (exact, exact_cache), (padded, padded_cache) = results[1], results[64]

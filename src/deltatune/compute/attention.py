@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltatune.compute.precision import SHAPE_STEP
+
 NAME = "deltatune_varlen"
 PAIRS = "deltatune_pairs"  # forward keyword: the layout of packed preference pairs (see _pair_attention)
 _registered = False
@@ -55,7 +57,6 @@ def _varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     return out.transpose(1, 2).contiguous(), None
 
 
-SHAPE_STEP = 64  # bf16/fp16 sequence lengths and packed rows are rounded up to this (see causal_sdpa)
 MATH_MAX_LENGTH = 2048  # bf16 on CPU: sequences up to this take deltatune's attention (beyond: flash attention)
 ONE_BLOCK_MAX = 256  # up to this, _CausalAttentionBF16; longer: _BlockedCausalAttentionBF16 in blocks of BLOCK
 BLOCK = 128
@@ -69,9 +70,7 @@ def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dro
     :class:`_BlockedCausalAttentionBF16` (batched bf16 matmuls, recompute in backward). Otherwise
     ``scaled_dot_product_attention`` (flash attention). In bfloat16 or float16 the
     sequences are padded at the end to a multiple of 64 first (causal attention never lets a real query see the
-    padding, and the padded rows are cut off): the CPU bf16 kernels (oneDNN's matmuls, flash attention's backward)
-    keep compiled code for every shape they meet, about 1-2.5 MB of resident memory per new sequence length here
-    (bench/bf16_attention.py), growing without bound over a run that meets hundreds of lengths."""
+    padding, and the padded rows are cut off): see ``precision.SHAPE_STEP``."""
     length = query.shape[2]
     pad = -length % SHAPE_STEP if query.dtype in (torch.bfloat16, torch.float16) else 0
     if pad:
@@ -120,12 +119,12 @@ def _causal_mask(length: int, group: int, dtype: torch.dtype, device: torch.devi
 
 
 class _CausalAttentionBF16(torch.autograd.Function):
-    """Causal attention in bf16 on a CPU for sequences of up to 256 tokens: about 2x torch's flash attention there
+    """Causal attention in bf16 on a CPU for sequences of up to 256 tokens: 1.3-2.4x torch's flash attention there
     (bench/bf16_attention.py).
 
     torch's CPU flash-attention kernel works on small blocks and gains nothing from the bf16 dot-product units;
     short sequences (SFT examples are mostly a few hundred tokens) are served better by three batched bf16 matmuls
-    per direction (they cut a SmolLM2 bf16 LoRA step from 3.7 to 2.7 s, bench/speed.py): scores = Q K^T (bf16,
+    per direction (they cut a SmolLM2 bf16 LoRA step from 3.7 to 2.7-3.0 s, bench/speed.py): scores = Q K^T (bf16,
     the causal mask added by the same ``baddbmm``), P = softmax(scores) (accumulated in float32, stored as bf16),
     O = P V. Grouped-query heads never copy the keys: each key head's query heads are stacked into one
     (group*T, D) matrix. Backward recomputes P instead of storing it (nothing of size T^2 outlives a layer, as
@@ -179,7 +178,7 @@ class _BlockedCausalAttentionBF16(torch.autograd.Function):
     """:class:`_CausalAttentionBF16` for longer sequences, in blocks of 128 query positions: a block attends to the
     keys up to its own end only, so the scores above the diagonal's blocks are never computed (3/8 of the work at
     512 tokens) and each block's scores stay small enough for the cache. Measured against torch's flash attention
-    (bench/bf16_attention.py): about 1.5x at 512 tokens, 2x at 2,048. The query heads of a key head are stacked
+    (bench/bf16_attention.py): about 1.5x from 320 to 2,048 tokens. The query heads of a key head are stacked
     position-major (row p*group + r), so a block is one contiguous slice of rows; dK and dV gather the blocks'
     contributions in float32."""
 

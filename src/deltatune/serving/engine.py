@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from deltatune.compute.precision import SHAPE_STEP
 from deltatune.methods.prompts_inject import kv_layout
 from deltatune.serving.bank import DeltaBank
 from deltatune.serving.kv import KVSlots
@@ -251,7 +252,7 @@ class Engine:
             if request.prefix else DynamicCache()
         with row_plan(torch.tensor([request.slot])):
             logits = prefill(self.bank.model_of(request.group), request.prompt_ids, cache, n,
-                             PREFILL_STEP if self._round_prefill else 1, self.context, self.device)
+                             SHAPE_STEP if self._round_prefill else 1, self.context, self.device)
         token = self._sample(logits, [request])[0]
         if self._advance(request, token, n + length + 1):
             return
@@ -335,9 +336,6 @@ class Engine:
         self._drop(list(range(len(self._rows))))
 
 
-PREFILL_STEP = 64  # bf16 on a CPU: prompts are run padded to a multiple of this many tokens (see prefill)
-
-
 def prefill(model: Any, prompt_ids: list[int], cache: DynamicCache, offset: int, step: int, context: int,
             device: torch.device) -> torch.Tensor:
     """Run ``prompt_ids`` (positions ``offset``...) through ``model`` into ``cache``; return the logits (1, V) of
@@ -345,12 +343,13 @@ def prefill(model: Any, prompt_ids: list[int], cache: DynamicCache, offset: int,
 
     With ``step`` > 1 the prompt is padded at the end to a multiple of ``step`` tokens and the cache cut back to the
     prompt afterwards (causal attention never lets a prompt token see the padding): on a CPU the bf16 matmuls keep
-    compiled code for every shape they meet (about 2.8 MB per new prompt length for SmolLM2), so a server
-    that met every prompt length would grow by gigabytes; rounded, it meets at most context / ``step`` lengths.
+    compiled code for every shape they meet (``precision.SHAPE_STEP``; about 2.8 MB per new prompt length for
+    SmolLM2), so a server that met every prompt length would grow by gigabytes; rounded, it meets at most
+    context / ``step`` lengths.
     The padding never reaches past ``context`` positions."""
     length = len(prompt_ids)
     pad = min(-length % step, max(context - offset - length, 0))
-    ids = torch.tensor([prompt_ids + [prompt_ids[-1]] * pad], device=device)
+    ids = torch.tensor([prompt_ids + prompt_ids[-1:] * pad], device=device)
     total = offset + length + pad
     out = model(input_ids=ids, attention_mask=torch.ones(1, total, dtype=torch.long, device=device),
                 position_ids=torch.arange(offset, total, device=device)[None], cache=cache, use_cache=True,

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from deltatune.compute.attention import SHAPE_STEP, packed_attention_enabled
+from deltatune.compute.attention import packed_attention_enabled
 from deltatune.compute.loss import loss_sum
-from deltatune.compute.precision import Precision, autocast
+from deltatune.compute.precision import SHAPE_STEP, Precision, autocast
 from deltatune.compute.preference import STAT_KEYS, PreferenceObjective, reply_logps
 from deltatune.data import TokenizedExample, collate, split_by_tokens
 from deltatune.data.pairs import TokenizedPair, collate_pairs
@@ -89,7 +89,7 @@ def run_step(run: StepRun, share: Share) -> tuple[float, int, float | None, dict
 
 def _row_multiple(run: StepRun) -> int | None:
     """In bf16 rows are rounded up to 64 tokens, so the kernels torch compiles per shape stay few
-    (compute/attention.py); None in float32."""
+    (``precision.SHAPE_STEP``); None in float32."""
     return SHAPE_STEP if run.precision is not None and run.precision.name != "fp32" else None
 
 
