@@ -25,6 +25,8 @@ from deltatune.compute.precision import SHAPE_STEP
 from deltatune.data.tokenize import IGNORE_INDEX as IGNORE
 
 CHUNK_ROWS = 128
+SOFTMAX_ROWS = 32
+"""In bf16, rows per float32 log-softmax (the logits of a whole chunk are bf16; see ``_LinearCrossEntropy``)."""
 _PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
 """Model types whose causal LM computes ``logits = lm_head(hidden)`` with no scaling or soft-capping."""
 
@@ -52,9 +54,12 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Each chunk: logits into one reused buffer, float32 log-softmax into another (the loss gathers from it), the
-    softmax minus the one-hot in place of it, then the gradient rows ``(softmax - onehot) @ W``. The three (chunk,
-    vocabulary) buffers live for the whole call: a fresh 25 MB tensor per chunk costs its page faults every time."""
+    """Each chunk of rows: the logits into one reused buffer, then, a few rows at a time, their float32
+    log-softmax (the loss gathers from it) and the softmax minus the one-hot in place of it, written back over the
+    spent logits, then the gradient rows ``(softmax - onehot) @ W``. In float32 all of it happens in the logits
+    buffer itself; in bf16 the float32 rows take their own buffer of ``SOFTMAX_ROWS`` rows (6 MB for SmolLM2's
+    vocabulary, where a chunk's would be 25 MB, twice the bf16 logits). The buffers live for the whole call: a
+    fresh 25 MB tensor per chunk costs its page faults every time."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, want_h: bool,
@@ -66,32 +71,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         rows = min(CHUNK_ROWS, hidden.shape[0])
         vocab = weight.shape[0]
+        in_place = dtype == torch.float32
+        step = CHUNK_ROWS if in_place else SOFTMAX_ROWS
         with torch.autocast(device.type, enabled=False):
             w = weight.to(dtype)
-            logits = torch.empty(rows, vocab, dtype=dtype, device=device)
-            logp = logits if dtype == torch.float32 else torch.empty(rows, vocab, dtype=torch.float32, device=device)
-            grad = logp if dtype == torch.float32 else torch.empty(rows, vocab, dtype=dtype, device=device)
+            logits = torch.empty(rows, vocab, dtype=dtype, device=device)  # then the gradient of the logits
+            spare = None if in_place else torch.empty(min(step, rows), vocab, dtype=torch.float32, device=device)
             for start in range(0, hidden.shape[0], CHUNK_ROWS):
                 h = hidden[start:start + CHUNK_ROWS].to(dtype)
                 t = targets[start:start + CHUNK_ROWS]
                 n = len(t)
                 torch.mm(h, w.t(), out=logits[:n])
-                torch.log_softmax(logits[:n], dim=-1, dtype=torch.float32, out=logp[:n])
                 valid = t != IGNORE
                 picked = t.clamp(min=0)
-                total -= (logp[:n].gather(1, picked[:, None]).squeeze(1) * valid).sum()
-                if not (want_h or want_w):
-                    continue
-                soft = logp[:n].exp_()  # softmax, in place
-                soft[torch.arange(n, device=device), picked] -= 1.0
-                if not bool(valid.all()):
-                    soft.mul_(valid[:, None])
-                if grad is not logp:
-                    grad[:n].copy_(soft)
+                for a in range(0, n, step):
+                    b = min(a + step, n)
+                    logp = logits[a:b] if spare is None else spare[:b - a]
+                    torch.log_softmax(logits[a:b], dim=-1, dtype=torch.float32, out=logp)
+                    total -= (logp.gather(1, picked[a:b, None]).squeeze(1) * valid[a:b]).sum()
+                    if not (want_h or want_w):
+                        continue
+                    soft = logp.exp_()  # softmax, in place
+                    soft[torch.arange(b - a, device=device), picked[a:b]] -= 1.0
+                    if not bool(valid[a:b].all()):
+                        soft.mul_(valid[a:b, None])
+                    if spare is not None:
+                        logits[a:b].copy_(soft)
                 if grad_h is not None:
-                    torch.mm(grad[:n], w, out=grad_h[start:start + n])
+                    torch.mm(logits[:n], w, out=grad_h[start:start + n])
                 if grad_w is not None:
-                    grad_w += (grad[:n].t() @ h).float()
+                    grad_w += (logits[:n].t() @ h).float()
         if grad_h is not None:
             grad_h = grad_h.to(hidden.dtype)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))

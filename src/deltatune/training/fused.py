@@ -18,10 +18,10 @@ s replace those chains:
 
 - :class:`RMSNormFunction` computes ``weight * (x * rsqrt(mean(x^2) + eps))`` in float32, cast back to the
   input's dtype exactly as ``LlamaRMSNorm`` does (the same ops: the same output, bit for bit), and keeps one
-  float per row (``rstd``) and one row-sized tensor: ``x`` in its own dtype, or for float32 the output ``y``
-  itself, which the next layer keeps anyway, the normalized rows being ``y / weight`` (only for a weight
-  without zeros); its backward computes ``grad_x`` in closed form, and ``grad_weight`` only when the weight
-  trains (full fine-tuning, bitfit, freeze of norms).
+  float per row (``rstd``) and one row-sized tensor: where the output ``y`` has the input's dtype (float32 or
+  bfloat16), ``y`` itself, which the next layer keeps anyway, the normalized rows being ``y / weight`` (only for
+  a weight without zeros), else ``x``; its backward computes ``grad_x`` in closed form, and ``grad_weight`` only
+  when the weight trains (full fine-tuning, bitfit, freeze of norms).
 - :class:`SiluMulFunction` computes ``silu(gate) * up`` and keeps only ``gate`` and ``up``; its backward
   recomputes the SiLU and uses the same kernels as autograd (the same gradients, bit for bit).
 
@@ -69,8 +69,10 @@ class RMSNormFunction(torch.autograd.Function):
     transformers' ``LlamaRMSNorm``. Keeps ``rstd`` (one float per row), ``weight``, and either ``x`` or, with
     ``save_output``, the output ``y`` itself, from which backward recovers the normalized rows as ``y / weight``:
     the layer after the norm (a LoRA branch, a trained linear layer) keeps ``y`` anyway, so the norm then adds
-    no row-sized tensor of its own. Only pass ``save_output`` for a float32 ``y`` of ``x``'s dtype and a weight
-    without zeros (see :func:`_can_share_output`)."""
+    no row-sized tensor of its own. Only pass ``save_output`` for a float32 or bfloat16 ``y`` of ``x``'s dtype and
+    a weight without zeros (see :func:`_can_share_output`). In bfloat16 the rows recovered that way carry one more
+    bfloat16 rounding (2^-8 relative at most, the precision the forward pass ran in): that is what the next layer
+    saves, so the norm keeps no copy of the residual stream, as in float32."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float, save_output: bool = False
@@ -80,7 +82,7 @@ class RMSNormFunction(torch.autograd.Function):
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
         n = (xf * rstd).to(x.dtype)  # a new tensor: scaled in place below where the dtypes allow
         y = n.mul_(weight) if weight.dtype == n.dtype else weight * n
-        ctx.save_output = save_output = save_output and y.dtype == x.dtype == torch.float32
+        ctx.save_output = save_output = save_output and y.dtype == x.dtype in _SHARED_DTYPES
         ctx.save_for_backward(y if save_output else x, rstd, weight)
         return y
 
@@ -89,9 +91,10 @@ class RMSNormFunction(torch.autograd.Function):
         """Return (grad of x, grad of weight or None where it does not train, None, None)."""
         saved, rstd, weight = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        x_dtype = saved.dtype  # x's, or y's where that is x's (float32)
-        if ctx.save_output:  # n = y / weight, to float32 rounding
-            n_f = n = saved / weight
+        x_dtype = saved.dtype  # x's, or y's where that is x's
+        if ctx.save_output:  # n = y / weight, to y's rounding (in float32: the same tensor as n)
+            n_f = _cast(saved, torch.float32) / _cast(weight, torch.float32)
+            n = _cast(n_f, x_dtype)
         else:
             n_f = saved.to(torch.float32) * rstd  # the normalized rows, float32 (a new tensor)
             n = _cast(n_f, x_dtype)
@@ -143,26 +146,30 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 _TINY = 1e-12
-"""A weight entry at least this large (in magnitude) divides out of ``y = weight * n`` to float32 rounding."""
+"""A weight entry at least this large (in magnitude) divides out of ``y = weight * n`` to ``y``'s rounding."""
+_SHARED_DTYPES = (torch.float32, torch.bfloat16)
+"""Dtypes whose norm output stands in for its input (bfloat16 has float32's exponent range: ``y`` cannot
+underflow where float32's would not; float16's can)."""
 
 
 def _can_share_output(module: nn.Module) -> bool:
-    """True when the norm's output can stand in for its input in backward: a float32 weight whose entries
-    are all finite and at least ``_TINY`` in magnitude. Checked once per version of the weight (an optimizer
+    """True when the norm's output can stand in for its input in backward: a float32 or bfloat16 weight whose
+    entries are all finite and at least ``_TINY`` in magnitude. Checked once per version of the weight (an optimizer
     step or any in-place change makes a new version), so a GPU synchronizes once per step, not per call."""
     weight = module.weight
     version = (weight._version, weight.data_ptr())
     cached = module.__dict__.get("_deltatune_share")
     if cached is None or cached[0] != version:
         w = weight.detach()  # no autograd record (a checkpointed region must save the same tensors on recompute)
-        ok = w.dtype == torch.float32 and bool((torch.isfinite(w) & (w.abs() >= _TINY)).all())
+        ok = w.dtype in _SHARED_DTYPES and bool((torch.isfinite(w) & (w.abs() >= _TINY)).all())
         cached = (version, ok)
         module.__dict__["_deltatune_share"] = cached
     return cached[1]
 
 
 def _fused_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    share = hidden_states.dtype == torch.float32 and torch.is_grad_enabled() and _can_share_output(self)
+    share = (hidden_states.dtype == self.weight.dtype and torch.is_grad_enabled()  # y in x's dtype: see forward
+             and _can_share_output(self))
     return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon, share)
 
 
