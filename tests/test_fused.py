@@ -364,6 +364,39 @@ def test_bfloat16_model_same_logits_gradients_as_close_to_float64_as_eager() -> 
     assert mine <= 1.1 * eager, (mine, eager)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_norm_keeps_its_output_for_backward_not_its_input(dtype: torch.dtype) -> None:
+    """The fused norm keeps the output the next layer keeps anyway (no row-sized tensor of its own), in bf16 as in
+    float32; a weight with a zero, which ``y / weight`` cannot undo, makes it keep its input."""
+    model = tiny_llama().to(dtype)
+    assert use_fused_modules(model)
+    norm = model.model.layers[0].input_layernorm
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.untyped_storage().data_ptr())
+        return t
+
+    for zero, kept in ((False, "output"), (True, "input")):
+        with torch.no_grad():
+            norm.weight.fill_(1.5)
+            norm.weight[3] = 0.0 if zero else 1.5
+        x = torch.randn(2, 7, norm.weight.shape[0]).to(dtype).requires_grad_(True)
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = norm(x)
+        assert {"output": y, "input": x}[kept].untyped_storage().data_ptr() in saved
+        assert {"output": x, "input": y}[kept].untyped_storage().data_ptr() not in saved
+        r = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        (grad,) = torch.autograd.grad(y, x, r.to(dtype))
+        x64 = x.detach().double().requires_grad_(True)
+        w64 = norm.weight.detach().double()
+        want = w64 * x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + norm.variance_epsilon)
+        (want_grad,) = torch.autograd.grad(want, x64, r)
+        tol = 3e-2 if dtype == torch.bfloat16 else 1e-4  # bf16: the gradient to bf16 rounding
+        assert (grad.double() - want_grad).abs().max() <= tol * want_grad.abs().max()
+
+
 def test_training_run_uses_the_fused_modules_with_the_same_update(tiny_llama_dir: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
