@@ -92,15 +92,13 @@ class RMSNormFunction(torch.autograd.Function):
         saved, rstd, weight = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         x_dtype = saved.dtype  # x's, or y's where that is x's
-        if ctx.save_output:  # n = y / weight, to y's rounding (in float32: the same tensor as n)
+        if ctx.save_output:  # n = y / weight, to y's rounding
             n_f = _cast(saved, torch.float32) / _cast(weight, torch.float32)
-            n = _cast(n_f, x_dtype)
         else:
             n_f = saved.to(torch.float32) * rstd  # the normalized rows, float32 (a new tensor)
-            n = _cast(n_f, x_dtype)
         grad_x = grad_w = None
-        if need_w:  # y = weight * n: grad_weight sums grad_y * n over every row
-            grad_w = _cast((grad_y * n).sum_to_size(weight.shape), weight.dtype)
+        if need_w:  # y = weight * n: grad_weight sums grad_y * n over every row (n in x's dtype, as forward had it)
+            grad_w = _cast((grad_y * _cast(n_f, x_dtype)).sum_to_size(weight.shape), weight.dtype)
         if need_x:
             g = _cast(grad_y * weight, x_dtype).to(torch.float32)  # grad of n, through n's cast to x.dtype
             # n = x * r, r = (mean(x^2) + eps)^-1/2  =>  dx = r * (g - n * mean(g * n)); in place on g and n_f,
