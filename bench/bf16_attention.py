@@ -3,6 +3,7 @@ shapes bf16 serving.
 
     .venv/bin/python bench/bf16_attention.py             # 1 and 2
     .venv/bin/python bench/bf16_attention.py --prefill   # 3 (loads the bundled SmolLM2 in bf16)
+    .venv/bin/python bench/bf16_attention.py --generate  # 3, through deltatune's generate (eval, chat)
 
 1. Speed: torch's causal ``scaled_dot_product_attention`` (flash attention) forward + backward of one example
    (SmolLM2's 9 query and 3 key/value heads of 64) is no faster in bfloat16 than in float32, unlike the matmuls
@@ -15,7 +16,9 @@ shapes bf16 serving.
    of lengths small.
 3. The same holds for the bf16 matmuls (oneDNN): a server prefilling prompts of ever-new lengths grows;
    ``serving.engine.prefill`` rounds prompts up to 64 tokens in bf16 on a CPU. ``--prefill`` prefills 200 prompt
-   lengths (21-618 tokens) with and without the rounding and prints the resident memory each added.
+   lengths (21-618 tokens) with and without the rounding and prints the resident memory each added;
+   ``--generate`` does the same through ``infer.generate.generate`` (what ``deltatune eval``'s exact match, ``generate``
+   and ``chat`` call), which left-pads a bf16 batch to a multiple of 64 tokens: 120 prompts of as many lengths.
 """
 
 from __future__ import annotations
@@ -103,20 +106,47 @@ def prefill_growth(step: int) -> float:
     return rss_mb() - before
 
 
+def generate_growth(step: int) -> float:
+    """Resident memory (MB) added by greedy replies (2 tokens each) to 120 prompts of 120 lengths, one per batch,
+    from SmolLM2 in bf16 through ``infer.generate.generate``, its batches padded to a multiple of ``step`` (1: to
+    the longest prompt only)."""
+    from unittest.mock import patch
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltatune.infer.generate import generate
+    from deltatune.models import resolve_source
+
+    source = resolve_source("default")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    prompts = [f"Count the words: {'word ' * k}" for k in range(1, 121)]
+    with patch("deltatune.infer.generate.SHAPE_STEP", step if step > 1 else None):
+        generate(model, tokenizer, ["Hello"], max_new_tokens=2)
+        before = rss_mb()
+        for prompt in prompts:
+            generate(model, tokenizer, [prompt], max_new_tokens=2)
+    return rss_mb() - before
+
+
 def main() -> None:
     """Print the measurements (the attention ones, or with --prefill the prefill one, in a fresh process each)."""
     print(f"# bench/bf16_attention.py: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
-    if "--prefill" in sys.argv[1:]:
+    mode = next((a for a in ("--prefill", "--generate") if a in sys.argv[1:]), None)
+    if mode:
+        measure = prefill_growth if mode == "--prefill" else generate_growth
         if len(sys.argv) > 2:  # a child: one measurement in its own process
-            print(f"{prefill_growth(int(sys.argv[2])):.0f}")
+            print(f"{measure(int(sys.argv[2])):.0f}")
             return
         import subprocess
 
+        what = ("200 bf16 prefills of prompts of 21-618 tokens" if mode == "--prefill"
+                else "120 bf16 generate() calls on prompts of 120 lengths")
         for step in (1, 64):
-            out = subprocess.run([sys.executable, __file__, "--prefill", str(step)], capture_output=True, text=True,
+            out = subprocess.run([sys.executable, __file__, mode, str(step)], capture_output=True, text=True,
                                  check=True).stdout.strip().splitlines()[-1]
-            label = "unrounded" if step == 1 else "rounded up to 64 (what deltatune serves with)"
-            print(f"200 bf16 prefills of prompts of 21-618 tokens, {label}: {out} MB of resident memory added")
+            label = "unrounded" if step == 1 else "rounded up to 64 (what deltatune does)"
+            print(f"{what}, {label}: {out} MB of resident memory added")
         return
     timing()
     raw = growth(rounded=False)

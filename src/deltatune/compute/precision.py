@@ -36,9 +36,10 @@ from deltatune.errors import ConfigError
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
 SHAPE_STEP = 64
 """In bf16/fp16 every size that varies from call to call (packed rows, per-example attention, the loss's last
-chunk of rows, a served prompt) is rounded up to a multiple of this: on a CPU the bf16 kernels (oneDNN's matmuls,
-flash attention's backward) keep compiled code for every shape they meet, about 0.6 MB per matmul shape against
-0.1 MB in float32 (bench/bf16_attention.py), so a process meeting ever-new lengths grew without bound."""
+chunk of rows, a served prompt, a generation batch) is rounded up to a multiple of this: on a CPU the bf16 kernels
+(oneDNN's matmuls, flash attention's backward) keep compiled code for every shape they meet, about 0.6 MB per
+matmul shape against 0.1 MB in float32 (bench/bf16_attention.py), so a process meeting ever-new lengths grew
+without bound."""
 
 
 def cpu_bf16_flags() -> list[str]:

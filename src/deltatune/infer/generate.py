@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune.compute.precision import SHAPE_STEP
 from deltatune.data.chat import ChatRenderer
 from deltatune.data.formats import Message, parse_messages
 
@@ -37,9 +38,14 @@ def generate(
     """Return the reply to each prompt (a user string or a list of chat messages), without the prompt.
 
     Prompts are left-padded in batches; ``temperature`` 0 means greedy decoding. ``tools``: each prompt's function
-    schemas (rendered as in training; parse the replies with ``data.tools.parse_tool_calls``).
+    schemas (rendered as in training; parse the replies with ``data.tools.parse_tool_calls``). In bf16/fp16 (the
+    weights, or under autocast) a batch is left-padded to a multiple of ``precision.SHAPE_STEP`` tokens: its
+    kernels keep compiled code for every prompt length they meet, so an evaluation over many prompts would grow with
+    each new length; the padding is masked and changes no reply.
     """
     device = next(model.parameters()).device
+    low = torch.is_autocast_enabled(device.type) or any(p.dtype in (torch.bfloat16, torch.float16)
+                                                        for p in model.parameters())
     texts = [render_prompt(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p,
                            tools[k] if tools else None) for k, p in enumerate(prompts)]
     replies: list[str] = []
@@ -50,7 +56,7 @@ def generate(
     try:
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(device)
+                              pad_to_multiple_of=SHAPE_STEP if low else None, add_special_tokens=False).to(device)
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
                 else {"do_sample": False}
             out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
