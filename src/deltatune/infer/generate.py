@@ -41,7 +41,7 @@ def generate(
     schemas (rendered as in training; parse the replies with ``data.tools.parse_tool_calls``). In bf16/fp16 (the
     weights, or under autocast) a batch is left-padded to a multiple of ``precision.SHAPE_STEP`` tokens: its
     kernels keep compiled code for every prompt length they meet, so an evaluation over many prompts would grow with
-    each new length; the padding is masked and changes no reply.
+    each new length. The padding is masked: the replies are the unpadded batch's, up to bf16 rounding.
     """
     device = next(model.parameters()).device
     low = torch.is_autocast_enabled(device.type) or any(p.dtype in (torch.bfloat16, torch.float16)
