@@ -121,7 +121,7 @@ def generate_growth(step: int) -> float:
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     prompts = [f"Count the words: {'word ' * k}" for k in range(1, 121)]
-    with patch("deltatune.infer.generate.SHAPE_STEP", step if step > 1 else None):
+    with patch("deltatune.infer.generate.shape_step", return_value=step):
         generate(model, tokenizer, ["Hello"], max_new_tokens=2)
         before = rss_mb()
         for prompt in prompts:

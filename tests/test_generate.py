@@ -41,6 +41,6 @@ def test_bf16_prompts_are_padded_to_64_tokens_and_replies_do_not_change(tiny_lla
         got = generate(model, tok, prompts, max_new_tokens=6)
         prefill = lengths[0]
         assert (prefill % 64 == 0) == (dtype == torch.bfloat16), (dtype, prefill)
-        with patch("deltatune.infer.generate.SHAPE_STEP", None):  # padded to the longest prompt only
+        with patch("deltatune.infer.generate.shape_step", return_value=1):  # padded to the longest prompt only
             want = generate(model, tok, prompts, max_new_tokens=6)
         assert got == want, dtype

@@ -215,3 +215,13 @@ def test_bf16_causal_attention_never_lets_a_query_see_a_later_token(length: int,
     a, b = causal_sdpa(q, k, v), causal_sdpa(q, k2, changed)
     assert torch.equal(a[:, :, :cut], b[:, :, :cut])
     assert not torch.equal(a[:, :, cut:], b[:, :, cut:])
+
+
+def test_shape_step_rounds_only_low_precision_work_on_a_cpu() -> None:
+    from deltatune.compute.precision import SHAPE_STEP, shape_step
+
+    assert shape_step("cpu", torch.bfloat16) == shape_step(CPU, torch.float32, torch.float16) == SHAPE_STEP
+    assert shape_step(CPU, torch.float32) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert shape_step(CPU, torch.float32) == SHAPE_STEP  # float32 inputs, bf16 matmuls
+    assert shape_step("cuda", torch.bfloat16) == 1  # a GPU keeps no compiled code per shape

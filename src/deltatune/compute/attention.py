@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.compute.precision import SHAPE_STEP
+from deltatune.compute.precision import shape_step
 
 NAME = "deltatune_varlen"
 PAIRS = "deltatune_pairs"  # forward keyword: the layout of packed preference pairs (see _pair_attention)
@@ -68,11 +68,11 @@ def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dro
 
     bfloat16 on a CPU, no dropout, T <= 2,048: :class:`_CausalAttentionBF16` (T <= 256) or
     :class:`_BlockedCausalAttentionBF16` (batched bf16 matmuls, recompute in backward). Otherwise
-    ``scaled_dot_product_attention`` (flash attention). In bfloat16 or float16 the
+    ``scaled_dot_product_attention`` (flash attention). In bfloat16 or float16 on a CPU the
     sequences are padded at the end to a multiple of 64 first (causal attention never lets a real query see the
     padding, and the padded rows are cut off): see ``precision.SHAPE_STEP``."""
     length = query.shape[2]
-    pad = -length % SHAPE_STEP if query.dtype in (torch.bfloat16, torch.float16) else 0
+    pad = -length % shape_step(query.device, query.dtype)
     if pad:
         query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
     if (query.dtype == torch.bfloat16 and query.device.type == "cpu" and not dropout

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.compute.precision import SHAPE_STEP
+from deltatune.compute.precision import shape_step
 from deltatune.data.tokenize import IGNORE_INDEX as IGNORE
 
 CHUNK_ROWS = 128
@@ -33,12 +33,10 @@ _PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
 
 def _padded_rows(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                  filler: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """In bf16/fp16 (either input, or under autocast), pad ``hidden`` with zero rows and ``targets`` with
+    """On a CPU in bf16/fp16 (either input, or under autocast), pad ``hidden`` with zero rows and ``targets`` with
     ``filler`` up to a multiple of 64 rows; return both (unchanged in float32). The last chunk of each pass would
     otherwise bring a new row count, hundreds over a run (see ``precision.SHAPE_STEP``)."""
-    low = ({hidden.dtype, weight.dtype} & {torch.bfloat16, torch.float16}
-           or torch.is_autocast_enabled(hidden.device.type))
-    pad = -hidden.shape[0] % SHAPE_STEP if low else 0
+    pad = -hidden.shape[0] % shape_step(hidden.device, hidden.dtype, weight.dtype)
     if not pad:
         return hidden, targets
     return (torch.nn.functional.pad(hidden, (0, 0, 0, pad)),

@@ -35,11 +35,22 @@ from deltatune.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
 SHAPE_STEP = 64
-"""In bf16/fp16 every size that varies from call to call (packed rows, per-example attention, the loss's last
-chunk of rows, a served prompt, a generation batch) is rounded up to a multiple of this: on a CPU the bf16 kernels
-(oneDNN's matmuls, flash attention's backward) keep compiled code for every shape they meet, about 0.6 MB per
-matmul shape against 0.1 MB in float32 (bench/bf16_attention.py), so a process meeting ever-new lengths grew
-without bound."""
+"""On a CPU in bf16/fp16 every size that varies from call to call (packed rows, per-example attention, the loss's
+last chunk of rows, a served prompt, a generation batch) is rounded up to a multiple of this (``shape_step``): the
+bf16 kernels (oneDNN's matmuls, flash attention's backward) keep compiled code for every shape they meet, about
+0.6 MB per matmul shape against 0.1 MB in float32 (bench/bf16_attention.py), so a process meeting ever-new lengths
+grew without bound."""
+
+
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def shape_step(device: torch.device | str, *dtypes: torch.dtype) -> int:
+    """The multiple a varying size is rounded up to on ``device`` for work in ``dtypes``: ``SHAPE_STEP`` on a CPU
+    when any of them is bf16/fp16 or autocast is on there, else 1 (a GPU keeps no code per shape)."""
+    kind = torch.device(device).type
+    low = any(d in _LOW for d in dtypes) or torch.is_autocast_enabled(kind)
+    return SHAPE_STEP if kind == "cpu" and low else 1
 
 
 def cpu_bf16_flags() -> list[str]:

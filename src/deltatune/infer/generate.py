@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.compute.precision import SHAPE_STEP
+from deltatune.compute.precision import shape_step
 from deltatune.data.chat import ChatRenderer
 from deltatune.data.formats import Message, parse_messages
 
@@ -38,14 +38,13 @@ def generate(
     """Return the reply to each prompt (a user string or a list of chat messages), without the prompt.
 
     Prompts are left-padded in batches; ``temperature`` 0 means greedy decoding. ``tools``: each prompt's function
-    schemas (rendered as in training; parse the replies with ``data.tools.parse_tool_calls``). In bf16/fp16 (the
-    weights, or under autocast) a batch is left-padded to a multiple of ``precision.SHAPE_STEP`` tokens: its
+    schemas (rendered as in training; parse the replies with ``data.tools.parse_tool_calls``). On a CPU in bf16/fp16
+    (the weights, or under autocast) a batch is left-padded to a multiple of ``precision.shape_step`` tokens: its
     kernels keep compiled code for every prompt length they meet, so an evaluation over many prompts would grow with
     each new length. The padding is masked: the replies are the unpadded batch's, up to bf16 rounding.
     """
     device = next(model.parameters()).device
-    low = torch.is_autocast_enabled(device.type) or any(p.dtype in (torch.bfloat16, torch.float16)
-                                                        for p in model.parameters())
+    step = shape_step(device, *{p.dtype for p in model.parameters()})
     texts = [render_prompt(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p,
                            tools[k] if tools else None) for k, p in enumerate(prompts)]
     replies: list[str] = []
@@ -56,7 +55,7 @@ def generate(
     try:
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                              pad_to_multiple_of=SHAPE_STEP if low else None, add_special_tokens=False).to(device)
+                              pad_to_multiple_of=step if step > 1 else None, add_special_tokens=False).to(device)
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
                 else {"do_sample": False}
             out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from deltatune.compute.precision import SHAPE_STEP
+from deltatune.compute.precision import shape_step
 from deltatune.methods.prompts_inject import kv_layout
 from deltatune.serving.bank import DeltaBank
 from deltatune.serving.kv import KVSlots
@@ -112,7 +112,7 @@ class Engine:
         dtype = self.model.get_input_embeddings().weight.dtype
         self.kv = KVSlots(layers, kv_heads, head_dim, max_batch, dtype, self.device)
         self._boolean_mask = getattr(self.model.config, "_attn_implementation", "eager") == "sdpa"
-        self._round_prefill = self.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+        self._prefill_step = shape_step(self.device, dtype)
 
     # ---- outside the engine thread ---------------------------------------------------------------------
 
@@ -252,7 +252,7 @@ class Engine:
             if request.prefix else DynamicCache()
         with row_plan(torch.tensor([request.slot])):
             logits = prefill(self.bank.model_of(request.group), request.prompt_ids, cache, n,
-                             SHAPE_STEP if self._round_prefill else 1, self.context, self.device)
+                             self._prefill_step, self.context, self.device)
         token = self._sample(logits, [request])[0]
         if self._advance(request, token, n + length + 1):
             return

@@ -14,7 +14,7 @@ import torch
 
 from deltatune.compute.attention import packed_attention_enabled
 from deltatune.compute.loss import loss_sum
-from deltatune.compute.precision import SHAPE_STEP, Precision, autocast
+from deltatune.compute.precision import Precision, autocast, shape_step
 from deltatune.compute.preference import STAT_KEYS, PreferenceObjective, reply_logps
 from deltatune.data import TokenizedExample, collate, split_by_tokens
 from deltatune.data.pairs import TokenizedPair, collate_pairs
@@ -87,10 +87,10 @@ def run_step(run: StepRun, share: Share) -> tuple[float, int, float | None, dict
     return step_loss / max(total, 1), tokens, grad_norm, {}
 
 
-def _row_multiple(run: StepRun) -> int | None:
-    """In bf16 rows are rounded up to 64 tokens, so the kernels torch compiles per shape stay few
-    (``precision.SHAPE_STEP``); None in float32."""
-    return SHAPE_STEP if run.precision is not None and run.precision.name != "fp32" else None
+def _row_multiple(run: StepRun) -> int:
+    """On a CPU in bf16 rows are rounded up to 64 tokens, so the kernels torch compiles per shape stay few
+    (``precision.shape_step``); 1 otherwise."""
+    return shape_step(run.device, run.precision.weight_dtype) if run.precision is not None else 1
 
 
 def _optimizer_step(run: StepRun) -> float | None:
